@@ -1,0 +1,48 @@
+// `llava <command> [args]`: dispatch to the registered subcommands; every failure is one clear line.
+#include <algorithm>
+#include <exception>
+#include <iostream>
+
+#include "cli/command.h"
+#include "io/error.h"
+
+namespace llava::cli {
+std::vector<Command>& registry() {
+  static std::vector<Command> commands;
+  return commands;
+}
+}  // namespace llava::cli
+
+static void print_usage(std::ostream& out) {
+  auto commands = llava::cli::registry();
+  std::sort(commands.begin(), commands.end(), [](auto& a, auto& b) { return a.name < b.name; });
+  out << "usage: llava <command> [options]\n\ncommands:\n";
+  for (auto& c : commands) out << "  " << c.name << std::string(14 - std::min<size_t>(13, c.name.size()), ' ') << c.summary << "\n";
+  out << "\nRun `llava <command> --help` for the options of one command.\n";
+}
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    print_usage(argc < 2 ? std::cerr : std::cout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string name = argv[1];
+  for (auto& command : llava::cli::registry()) {
+    if (command.name != name) continue;
+    std::string program = "llava " + name;
+    argv[1] = program.data();
+    try {
+      return command.run(argc - 1, argv + 1);
+    } catch (const llava::Error& e) {
+      std::cerr << "error: " << e.what() << "\n";
+    } catch (const c10::Error& e) {
+      std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    } catch (const std::exception& e) {
+      std::cerr << "error: " << e.what() << "\n";
+    }
+    return 1;
+  }
+  std::cerr << "error: unknown command '" << name << "'\n";
+  print_usage(std::cerr);
+  return 2;
+}

@@ -1,0 +1,38 @@
+// The pickle subset of torch.save / torch.load(weights_only=True), in both directions.
+//
+// Values are c10::IValue: None, bool, int, double, str, Tensor, tuple, list, dict (keys int or str,
+// insertion order kept; a Python OrderedDict reads back as a dict). Nothing else can be written, and the
+// reader accepts only the globals below, so a file can never make us run code:
+//   collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter,
+//   torch.<X>Storage for the dtypes we support.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <ATen/core/ivalue.h>
+#include <torch/torch.h>
+
+namespace llava::io::pickle {
+
+// A storage referenced from data.pkl: the record `data/<key>` holds numel elements of dtype.
+struct StorageRef {
+  std::string key;
+  c10::ScalarType dtype;
+  int64_t numel;
+};
+
+// Serializes `value` as protocol 2. Every tensor becomes its own storage (a contiguous CPU copy when
+// needed), appended to `storages` in key order "0", "1", ...
+std::string dumps(const c10::IValue& value, std::vector<torch::Tensor>& storages);
+
+// Parses a protocol-2 pickle. `load_storage` returns a 1-D tensor of exactly ref.numel elements of
+// ref.dtype (it is called once per key). `where` names the file in every error message.
+c10::IValue loads(const std::string& bytes, const std::function<torch::Tensor(const StorageRef&)>& load_storage,
+                  const std::string& where);
+
+// Convenience builders for the values we write.
+c10::impl::GenericDict new_dict();
+c10::impl::GenericList new_list();
+
+}  // namespace llava::io::pickle

@@ -1,0 +1,27 @@
+// The only place that knows which libtorch we are built against (Debian's 1.13 or the 2.x wheel).
+#pragma once
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#define LLAVA_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+namespace llava::compat {
+
+inline constexpr bool kHasSdpa = LLAVA_TORCH_AT_LEAST(2, 0);
+
+// softmax(q k^T * scale + mask) v. q: [B,H,Tq,D], k/v: [B,H,Tk,D], mask: additive, broadcastable to
+// [B,H,Tq,Tk] (or undefined). The softmax runs in fp32 like HF's eager attention.
+inline torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, double scale) {
+#if LLAVA_TORCH_AT_LEAST(2, 1)
+  return at::scaled_dot_product_attention(q, k, v, mask, /*dropout_p=*/0.0, /*is_causal=*/false, scale);
+#else
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;
+  if (mask.defined()) scores = scores + mask;
+  auto probs = torch::softmax(scores.to(torch::kFloat32), -1).to(q.scalar_type());
+  return torch::matmul(probs, v);
+#endif
+}
+
+}  // namespace llava::compat

@@ -1,0 +1,63 @@
+#include "train/adamw.h"
+
+#include <cmath>
+
+namespace llava::train {
+
+AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options)
+    : groups_(std::move(groups)), options_(options) {
+  for (auto& g : groups_) state_.emplace_back(g.params.size());
+}
+
+void AdamW::step() {
+  torch::NoGradGuard no_grad;
+  const double beta1 = options_.beta1, beta2 = options_.beta2;
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    const ParamGroup& group = groups_[g];
+    for (size_t i = 0; i < group.params.size(); ++i) {
+      torch::Tensor param = group.params[i];
+      torch::Tensor grad = param.grad();
+      if (!grad.defined()) continue;
+      AdamState& s = state_[g][i];
+      if (!s.initialized()) {
+        s.exp_avg = torch::zeros_like(param, torch::MemoryFormat::Preserve);
+        s.exp_avg_sq = torch::zeros_like(param, torch::MemoryFormat::Preserve);
+      }
+      s.step += 1;
+      // Same op order as torch's _single_tensor_adam with decoupled weight decay.
+      if (group.weight_decay != 0) param.mul_(1 - group.lr * group.weight_decay);
+      s.exp_avg.lerp_(grad, 1 - beta1);
+      s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
+      const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(s.step));
+      const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(s.step));
+      const double step_size = group.lr / bias_correction1;
+      auto denom = (s.exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options_.eps);
+      param.addcdiv_(s.exp_avg, denom, -step_size);
+    }
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& g : groups_)
+    for (auto& p : g.params)
+      if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
+}
+
+void AdamW::set_lr_factor(double factor) {
+  for (auto& g : groups_) g.lr = g.base_lr * factor;
+}
+
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> norms;
+  for (auto& p : params)
+    if (p.grad().defined()) norms.push_back(p.grad().norm(2).to(torch::kFloat32));
+  if (norms.empty()) return 0.0;
+  auto total = torch::stack(norms).norm(2);
+  auto coef = torch::clamp(max_norm / (total + 1e-6), c10::nullopt, 1.0);
+  for (auto& p : params)
+    if (p.grad().defined()) p.mutable_grad().mul_(coef.to(p.grad().scalar_type()));
+  return total.item<double>();
+}
+
+}  // namespace llava::train

@@ -1,0 +1,24 @@
+// Temp files for io tests.
+#pragma once
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <unistd.h>
+
+namespace llava::test {
+
+// A fresh directory under $LLAVA_TEST_TMP (or /tmp) for one test case.
+inline std::string temp_dir(const std::string& name) {
+  const char* root = std::getenv("LLAVA_TEST_TMP");
+  auto dir = std::filesystem::path(root ? root : "/tmp") / ("llava-" + name + "-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir.string();
+}
+
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+}  // namespace llava::test

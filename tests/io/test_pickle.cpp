@@ -1,0 +1,112 @@
+// torch.save-compatible archives and the restricted unpickler: round trips and refusals.
+#include <caffe2/serialize/inline_container.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+
+#include "io/error.h"
+#include "io/file_util.h"
+#include "io/pickle.h"
+#include "io/torch_archive.h"
+#include "test_helpers.h"
+
+using namespace llava;
+
+static std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST_CASE("save_pt / load_pt round trip nested containers, scalars and tensors of every dtype") {
+  auto dir = test::temp_dir("pt-roundtrip");
+  auto inner = io::pickle::new_dict();
+  inner.insert(int64_t(0), torch::arange(12, torch::kFloat32).reshape({3, 4}));
+  inner.insert(int64_t(7), torch::tensor(5.0f));
+  auto list = io::pickle::new_list();
+  list.push_back(1.5);
+  list.push_back(true);
+  list.push_back(c10::IValue());
+  list.push_back(int64_t(-1) << 40);
+  list.push_back(std::string("text"));
+  auto root = io::pickle::new_dict();
+  root.insert("inner", inner);
+  root.insert("list", list);
+  root.insert("tuple", c10::ivalue::Tuple::create({int64_t(1), int64_t(70000), 0.5, int64_t(-5)}));
+  for (auto dtype : {torch::kFloat16, torch::kBFloat16, torch::kFloat64, torch::kInt64, torch::kInt32, torch::kInt16,
+                     torch::kInt8, torch::kUInt8, torch::kBool})
+    root.insert(std::string("t_") + c10::toString(dtype), torch::arange(6).reshape({2, 3}).to(dtype));
+  root.insert("noncontig", torch::arange(12, torch::kFloat32).reshape({3, 4}).t());
+
+  io::save_pt(dir + "/x.pt", root);
+  auto back = io::load_pt(dir + "/x.pt").toGenericDict();
+  auto back_inner = back.at("inner").toGenericDict();
+  CHECK(torch::equal(back_inner.at(int64_t(0)).toTensor(), inner.at(int64_t(0)).toTensor()));
+  CHECK(back_inner.at(int64_t(7)).toTensor().dim() == 0);
+  auto back_list = back.at("list").toList();
+  REQUIRE(back_list.size() == 5);
+  CHECK(back_list.get(0).toDouble() == 1.5);
+  CHECK(back_list.get(1).toBool());
+  CHECK(back_list.get(2).isNone());
+  CHECK(back_list.get(3).toInt() == (int64_t(-1) << 40));
+  CHECK(back_list.get(4).toStringRef() == "text");
+  auto tuple = back.at("tuple").toTupleRef().elements();
+  REQUIRE(tuple.size() == 4);
+  CHECK(tuple[1].toInt() == 70000);
+  CHECK(tuple[3].toInt() == -5);
+  for (auto& entry : root) {
+    if (!entry.value().isTensor()) continue;
+    INFO(entry.key().toStringRef());
+    auto got = back.at(entry.key()).toTensor();
+    CHECK(got.scalar_type() == entry.value().toTensor().scalar_type());
+    CHECK(torch::equal(got, entry.value().toTensor()));
+  }
+}
+
+TEST_CASE("the unpickler refuses globals outside the weights-only allowlist") {
+  // GLOBAL os system, SHORT_BINUNICODE "echo", TUPLE1, REDUCE, STOP
+  std::string evil = std::string("\x80\x02") + "cos\nsystem\n" + "\x8c\x04" + "echo" + "\x85R.";
+  auto msg = error_of([&] { io::pickle::loads(evil, nullptr, "evil.pt"); });
+  CHECK(msg.find("evil.pt") != std::string::npos);
+  CHECK(msg.find("forbidden global 'os.system'") != std::string::npos);
+
+  std::string numpy = std::string("\x80\x02") + "cnumpy.core.multiarray\n_reconstruct\n" + ").";
+  CHECK(error_of([&] { io::pickle::loads(numpy, nullptr, "n.pt"); }).find("numpy.core.multiarray._reconstruct") != std::string::npos);
+}
+
+TEST_CASE("the unpickler refuses truncated data, bad opcodes and views outside their storage") {
+  std::vector<torch::Tensor> storages;
+  auto good = io::pickle::dumps(torch::arange(4, torch::kFloat32), storages);
+  auto load_storage = [](const io::pickle::StorageRef& ref) { return torch::zeros({ref.numel}, ref.dtype); };
+  CHECK(io::pickle::loads(good, load_storage, "ok.pt").toTensor().numel() == 4);
+  CHECK(error_of([&] { io::pickle::loads(good.substr(0, good.size() / 2), load_storage, "t.pt"); }).find("truncated") != std::string::npos);
+  CHECK(error_of([&] { io::pickle::loads(std::string("\x80\x02\xff."), load_storage, "op.pt"); }).find("unsupported pickle opcode 0xff") != std::string::npos);
+  // A storage smaller than the view claims: the reader must not read past it.
+  auto tiny_storage = [](const io::pickle::StorageRef& ref) { return torch::zeros({1}, ref.dtype); };
+  CHECK(error_of([&] { io::pickle::loads(good, tiny_storage, "v.pt"); }).find("reaches past its storage") != std::string::npos);
+}
+
+TEST_CASE("archives with a missing record, no data.pkl, or that are no zip at all are refused") {
+  auto dir = test::temp_dir("pt-bad");
+  std::vector<torch::Tensor> storages;
+  auto pickled = io::pickle::dumps(torch::ones({3}), storages);
+  {
+    caffe2::serialize::PyTorchStreamWriter writer(dir + "/missing.pt");
+    writer.writeRecord("data.pkl", pickled.data(), pickled.size());
+    writer.writeEndOfFile();
+  }
+  auto msg = error_of([&] { io::load_pt(dir + "/missing.pt"); });
+  CHECK(msg.find("missing.pt") != std::string::npos);
+  CHECK(msg.find("missing record 'data/0'") != std::string::npos);
+
+  test::write_bytes(dir + "/plain.pt", "this is not a zip");
+  CHECK(error_of([&] { io::load_pt(dir + "/plain.pt"); }).find("not a torch.save zip archive") != std::string::npos);
+
+  io::save_pt(dir + "/good.pt", torch::ones({3}));
+  auto bytes = io::read_file(dir + "/good.pt");
+  test::write_bytes(dir + "/truncated.pt", bytes.substr(0, bytes.size() / 2));
+  CHECK(error_of([&] { io::load_pt(dir + "/truncated.pt"); }).find("truncated.pt") != std::string::npos);
+}

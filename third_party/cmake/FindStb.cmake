@@ -1,0 +1,12 @@
+# Debian's libstb-dev ships headers only (/usr/include/stb/stb_image.h) and no CMake package.
+find_path(STB_INCLUDE_DIR stb_image.h PATH_SUFFIXES stb)
+find_library(STB_LIBRARY stb)
+include(FindPackageHandleStandardArgs)
+find_package_handle_standard_args(Stb REQUIRED_VARS STB_INCLUDE_DIR)
+if(Stb_FOUND AND NOT TARGET Stb::Stb)
+  add_library(Stb::Stb INTERFACE IMPORTED)
+  set_target_properties(Stb::Stb PROPERTIES INTERFACE_INCLUDE_DIRECTORIES "${STB_INCLUDE_DIR}")
+  if(STB_LIBRARY)
+    set_property(TARGET Stb::Stb PROPERTY INTERFACE_LINK_LIBRARIES "${STB_LIBRARY}")
+  endif()
+endif()
