@@ -29,11 +29,12 @@ static io::NamedTensors every_dtype() {
 
 static bool bit_equal(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
+  if (a.numel() == 0) return true;
   auto x = a.contiguous(), y = b.contiguous();
   return std::memcmp(x.data_ptr(), y.data_ptr(), x.numel() * x.element_size()) == 0;
 }
 
-TEST_CASE("safetensors round trip keeps every dtype, shape, name and metadata bit for bit") {
+TEST_CASE("safetensors round trip keeps every dtype shape name and metadata bit for bit") {
   auto dir = test::temp_dir("st-roundtrip");
   auto path = dir + "/all.safetensors";
   auto tensors = every_dtype();
