@@ -6,7 +6,20 @@
 #define LLAVA_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
 
+namespace c10d {
+class Backend;
+class ProcessGroup;
+}  // namespace c10d
+
 namespace llava::compat {
+
+// libtorch 2.x splits ProcessGroup (the front) from Backend (Gloo/NCCL); in 1.13 the backends are
+// ProcessGroups themselves.
+#if LLAVA_TORCH_AT_LEAST(2, 0)
+using C10dBackend = c10d::Backend;
+#else
+using C10dBackend = c10d::ProcessGroup;
+#endif
 
 inline constexpr bool kHasSdpa = LLAVA_TORCH_AT_LEAST(2, 0);
 
@@ -15,7 +28,9 @@ inline constexpr bool kHasSdpa = LLAVA_TORCH_AT_LEAST(2, 0);
 inline torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& mask, double scale) {
 #if LLAVA_TORCH_AT_LEAST(2, 1)
-  return at::scaled_dot_product_attention(q, k, v, mask, /*dropout_p=*/0.0, /*is_causal=*/false, scale);
+  // An undefined mask must reach SDPA as "no mask" (nullopt), not as an optional holding nothing.
+  c10::optional<at::Tensor> attn_mask = mask.defined() ? c10::optional<at::Tensor>(mask) : c10::nullopt;
+  return at::scaled_dot_product_attention(q, k, v, attn_mask, /*dropout_p=*/0.0, /*is_causal=*/false, scale);
 #else
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;
   if (mask.defined()) scores = scores + mask;

@@ -1,0 +1,60 @@
+// `llava eval-logits`: logits (and loss) of one batch, for tests and tools that compare with transformers.
+//   IN.safetensors:  input_ids int64 [B,T], attention_mask [B,T], pixel_values float [N,3,H,W] (optional),
+//                    labels int64 [B,T] (optional)
+//   OUT.safetensors: logits float32 [B,T,V], loss float32 0-d (only with labels)
+#include <cxxopts.hpp>
+#include <iostream>
+
+#include "cli/command.h"
+#include "io/error.h"
+#include "io/safetensors.h"
+#include "model/weights.h"
+
+namespace {
+
+torch::Tensor optional_tensor(const llava::io::SafetensorsFile& file, const std::string& name) {
+  return file.contains(name) ? file.get(name) : torch::Tensor();
+}
+
+int run_eval_logits(int argc, char** argv) {
+  cxxopts::Options options(argv[0], "Compute the logits (and loss, with labels) of one batch");
+  options.add_options()
+      ("model", "model dir (config.json + weights)", cxxopts::value<std::string>())
+      ("adapter", "LoRA adapter dir", cxxopts::value<std::string>())
+      ("batch", "input safetensors (input_ids, attention_mask, pixel_values, labels)", cxxopts::value<std::string>())
+      ("out", "output safetensors (logits, loss)", cxxopts::value<std::string>())
+      ("dtype", "fp32 or bf16 (weights and compute)", cxxopts::value<std::string>()->default_value("fp32"))
+      ("vision-tower", "CLIP dir for an original-LLaVA model (overrides mm_vision_tower)",
+       cxxopts::value<std::string>()->default_value(""))
+      ("h,help", "show help");
+  auto args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help();
+    return 0;
+  }
+  for (const char* required : {"model", "batch", "out"})
+    if (!args.count(required)) llava::fail("eval-logits", std::string("--") + required + " is required");
+  if (args.count("adapter")) llava::fail("--adapter", "adapters are not supported yet (LoRA lands with its issue)");
+
+  auto dtype = llava::model::parse_dtype(args["dtype"].as<std::string>());
+  auto loaded = llava::model::load_model(args["model"].as<std::string>(), dtype, args["vision-tower"].as<std::string>());
+
+  const std::string batch_path = args["batch"].as<std::string>();
+  auto batch = llava::io::SafetensorsFile::open(batch_path);
+  if (!batch.contains("input_ids")) llava::fail(batch_path, "no input_ids tensor");
+  auto input_ids = batch.get("input_ids").to(torch::kInt64);
+  auto attention_mask = optional_tensor(batch, "attention_mask");
+  auto pixel_values = optional_tensor(batch, "pixel_values");
+  auto labels = optional_tensor(batch, "labels");
+
+  torch::NoGradGuard no_grad;
+  auto logits = loaded.model->forward(input_ids, attention_mask, pixel_values);
+  llava::io::NamedTensors out = {{"logits", logits.to(torch::kFloat32)}};
+  if (labels.defined()) out.emplace_back("loss", llava::model::causal_lm_loss(logits, labels));
+  llava::io::save_safetensors(args["out"].as<std::string>(), out);
+  return 0;
+}
+
+}  // namespace
+
+LLAVA_COMMAND("eval-logits", "logits and loss of one batch (input/output: safetensors)", run_eval_logits);

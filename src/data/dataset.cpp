@@ -1,0 +1,115 @@
+#include "data/dataset.h"
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "io/error.h"
+#include "io/file_util.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace llava::data {
+namespace {
+
+int64_t count_words(const std::string& s) {  // Python's len(s.split())
+  std::istringstream in(s);
+  std::string w;
+  int64_t n = 0;
+  while (in >> w) ++n;
+  return n;
+}
+
+Record parse_record(const json& j, const std::string& where) {
+  if (!j.is_object()) fail(where, "expected an object {id, image, conversations}");
+  Record r;
+  r.where = where;
+  if (j.contains("id")) r.id = j["id"].is_string() ? j["id"].get<std::string>() : j["id"].dump();
+  if (j.contains("image") && !j["image"].is_null()) {
+    if (!j["image"].is_string()) fail(where, "\"image\": expected a relative path string");
+    r.image = j["image"].get<std::string>();
+  }
+  if (!j.contains("conversations") || !j["conversations"].is_array() || j["conversations"].empty())
+    fail(where, "\"conversations\": expected a non-empty list of {from, value}");
+  size_t t = 0;
+  for (const auto& turn : j["conversations"]) {
+    if (!turn.is_object() || !turn.contains("from") || !turn.contains("value") || !turn["from"].is_string() ||
+        !turn["value"].is_string())
+      fail(where, "conversations[" + std::to_string(t) + "]: expected {\"from\": str, \"value\": str}");
+    r.turns.push_back({turn["from"].get<std::string>(), turn["value"].get<std::string>()});
+    r.modality_length += count_words(r.turns.back().value);
+    ++t;
+  }
+  if (r.image.empty()) r.modality_length = -r.modality_length;
+  return r;
+}
+
+}  // namespace
+
+std::vector<Record> load_records(const std::vector<std::string>& paths) {
+  std::vector<Record> records;
+  for (const auto& path : paths) {
+    const std::string text = io::read_file(path);
+    const size_t first = text.find_first_not_of(" \t\r\n");
+    if (first != std::string::npos && text[first] == '[') {
+      json list;
+      try {
+        list = json::parse(text);
+      } catch (const json::exception& e) {
+        fail(path, std::string("invalid JSON: ") + e.what());
+      }
+      for (size_t i = 0; i < list.size(); ++i)
+        records.push_back(parse_record(list[i], path + ": record " + std::to_string(i)));
+    } else {  // JSONL
+      std::istringstream lines(text);
+      std::string line;
+      for (size_t n = 1; std::getline(lines, line); ++n) {
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        const std::string where = path + ": line " + std::to_string(n);
+        json j;
+        try {
+          j = json::parse(line);
+        } catch (const json::exception& e) {
+          fail(where, std::string("invalid JSON: ") + e.what());
+        }
+        records.push_back(parse_record(j, where));
+      }
+    }
+  }
+  return records;
+}
+
+LlavaDataset::LlavaDataset(std::vector<Record> records, Tokenizer tokenizer, DatasetSettings settings)
+    : records_(std::move(records)), tokenizer_(std::move(tokenizer)), settings_(std::move(settings)) {}
+
+std::vector<int64_t> LlavaDataset::modality_lengths() const {
+  std::vector<int64_t> lengths;
+  for (const auto& r : records_) lengths.push_back(r.modality_length);
+  return lengths;
+}
+
+std::optional<Example> LlavaDataset::get(size_t i) const {
+  const Record& r = records_.at(i);
+  Example ex;
+  if (!r.image.empty()) {
+    const std::string path = (fs::path(settings_.image_folder) / r.image).string();
+    try {
+      ex.pixel_values = clip_preprocess(load_image(path), settings_.image);
+    } catch (const Error& e) {
+      if (settings_.skip_missing_images) return std::nullopt;
+      throw Error(r.where + ": " + e.what());
+    }
+  }
+  try {
+    auto s = tokenize_conversation(settings_.conversation, r.turns, !r.image.empty(), tokenizer_,
+                                   settings_.image_tokens, settings_.model_max_length);
+    ex.input_ids = std::move(s.input_ids);
+    ex.labels = std::move(s.labels);
+  } catch (const Error& e) {
+    throw Error(r.where + ": " + e.what());
+  }
+  return ex;
+}
+
+}  // namespace llava::data

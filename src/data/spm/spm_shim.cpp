@@ -1,0 +1,75 @@
+#include "spm_shim.h"
+
+#include <sentencepiece_processor.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+using sentencepiece::SentencePieceProcessor;
+
+namespace {
+
+long copy_out(const std::string& s, char* out, size_t cap) {
+  std::memcpy(out, s.data(), std::min(cap, s.size()));
+  return static_cast<long>(s.size());
+}
+
+}  // namespace
+
+extern "C" {
+
+void* llava_spm_load(const char* bytes, size_t size, int no_dummy_prefix, char* err, size_t err_cap) {
+  std::string proto(bytes, size);
+  // A second normalizer_spec {add_dummy_prefix: false} appended: protobuf merges repeated embedded
+  // messages field by field, last value wins (HF's non-legacy Llama tokenizer does this via protobuf).
+  if (no_dummy_prefix) proto += std::string("\x1a\x02\x18\x00", 4);
+  auto* sp = new SentencePieceProcessor();
+  auto status = sp->LoadFromSerializedProto(proto);
+  if (!status.ok()) {
+    std::string msg = status.ToString();
+    if (err_cap > 0) {
+      copy_out(msg.substr(0, err_cap - 1), err, err_cap);
+      err[std::min(msg.size(), err_cap - 1)] = '\0';
+    }
+    delete sp;
+    return nullptr;
+  }
+  return sp;
+}
+
+void llava_spm_free(void* model) { delete static_cast<SentencePieceProcessor*>(model); }
+
+int llava_spm_piece_size(const void* model) {
+  return static_cast<const SentencePieceProcessor*>(model)->GetPieceSize();
+}
+
+long llava_spm_encode(const void* model, const char* text, size_t size, int64_t* triples, long cap) {
+  sentencepiece::ImmutableSentencePieceText pieces;
+  auto sp = static_cast<const SentencePieceProcessor*>(model);
+  if (!sp->Encode(std::string(text, size), pieces.mutable_proto()).ok()) return -1;
+  const long n = static_cast<long>(pieces.pieces_size());
+  for (long i = 0; i < n && i < cap; ++i) {
+    auto p = pieces.pieces(static_cast<int>(i));
+    triples[3 * i] = p.id();
+    triples[3 * i + 1] = p.begin();
+    triples[3 * i + 2] = p.end();
+  }
+  return n;
+}
+
+long llava_spm_decode(const void* model, const int* ids, size_t n, char* out, size_t cap) {
+  std::string text;
+  if (!static_cast<const SentencePieceProcessor*>(model)->Decode(std::vector<int>(ids, ids + n), &text).ok())
+    return -1;
+  return copy_out(text, out, cap);
+}
+
+long llava_spm_id_to_piece(const void* model, int id, char* out, size_t cap) {
+  return copy_out(static_cast<const SentencePieceProcessor*>(model)->IdToPiece(id), out, cap);
+}
+
+int llava_spm_piece_to_id(const void* model, const char* piece, size_t size) {
+  return static_cast<const SentencePieceProcessor*>(model)->PieceToId(std::string(piece, size));
+}
+}

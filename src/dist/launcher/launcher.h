@@ -1,0 +1,45 @@
+// llava-run: a torchrun-style launcher for the workers of one node. It parses torchrun's options,
+// gives every worker torchrun's environment, prefixes each output line with the worker's rank,
+// forwards SIGINT/SIGTERM and, when one worker fails, stops the others and reports which one failed.
+// Workers are started directly (like `torchrun --no-python`); there is no elastic agent, no restarts
+// and no agent-hosted store: rank 0 hosts the TCPStore (TORCHELASTIC_USE_AGENT_STORE=False).
+#pragma once
+#include <map>
+#include <string>
+#include <vector>
+
+namespace llava::launcher {
+
+struct LaunchConfig {
+  int nproc_per_node = 1;
+  int nnodes = 1;
+  int node_rank = 0;
+  std::string master_addr = "127.0.0.1";  // torchrun's default
+  int master_port = 29500;                // torchrun's default
+  bool standalone = false;                // localhost and a free port, like torchrun --standalone
+  double shutdown_timeout_s = 30;         // SIGTERM -> SIGKILL grace (torchrun: --shutdown-timeout)
+  std::string run_id = "none";            // TORCHELASTIC_RUN_ID (torchrun's --rdzv-id default)
+  bool help = false;
+  std::vector<std::string> command;       // the worker's argv
+};
+
+// args: argv without the program name. Options stop at the first argument that is not one (or after
+// "--"); everything from there on is the command. --standalone resolves the port and run id here.
+// Bad options -> llava::Error.
+LaunchConfig parse_launch_args(const std::vector<std::string>& args);
+std::string launch_usage();
+
+// The variables worker `local_rank` gets on top of the launcher's environment. `parent_env` is the
+// launcher's environment (a few torchrun variables inherit from it).
+std::map<std::string, std::string> worker_env(const LaunchConfig& config, int local_rank,
+                                              const std::map<std::string, std::string>& parent_env);
+
+// Starts the workers and supervises them to the end. Returns the launcher's exit status: 0 when all
+// succeeded, else the failing worker's exit status (128+signal when it was killed), or 128+signal
+// when the launcher itself was interrupted.
+int run_workers(const LaunchConfig& config);
+
+// A TCP port on localhost that was free a moment ago (bound to port 0, then released).
+int pick_free_port();
+
+}  // namespace llava::launcher

@@ -1,0 +1,81 @@
+// The training config: one YAML file whose keys are HF TrainingArguments' and LLaVA's Model/Data/
+// TrainingArguments' names, so a LLaVA launch script ports line by line. `--set key=value` overrides any
+// key (dots reach into maps: lr_scheduler_kwargs.min_lr=1e-5). Unknown keys, wrong types and impossible
+// combinations are errors that name the key (and suggest the nearest valid one).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "data/config.h"
+
+namespace YAML {
+class Node;
+}
+
+namespace llava::train {
+
+struct TrainConfig {
+  data::DataConfig data;  // data_path, image_folder, version, model_max_length, batch size, workers, ...
+
+  // ModelArguments
+  std::string model_name_or_path;
+  std::string vision_tower;             // original-LLaVA checkpoints: the CLIP dir when not inside the model
+  std::string pretrain_mm_mlp_adapter;  // stage 2: mm_projector.bin from stage 1
+  bool tune_mm_mlp_adapter = false;     // stage 1: only the projector trains
+  bool unfreeze_mm_vision_tower = false;
+  bool freeze_backbone = false;
+  int64_t mm_vision_select_layer = -2;
+  std::string mm_projector_type = "mlp2x_gelu";
+
+  // TrainingArguments
+  std::string output_dir;
+  double learning_rate = 5e-5;
+  double mm_projector_lr = 0;  // 0 = the projector uses learning_rate
+  double weight_decay = 0;
+  double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_epsilon = 1e-8;
+  double max_grad_norm = 1.0;
+  double num_train_epochs = 3;
+  int64_t max_steps = -1;
+  std::string lr_scheduler_type = "linear";
+  double min_lr = 0, min_lr_rate = 0, num_cycles = 0.5;  // lr_scheduler_kwargs
+  double warmup_ratio = 0;
+  double warmup_steps = 0;
+  int64_t gradient_accumulation_steps = 1;
+  int64_t logging_steps = 500;
+  int64_t save_steps = 500;
+  std::string save_strategy = "steps";
+  int64_t save_total_limit = 0;  // 0 = keep all
+  std::string max_shard_size = "5GB";
+  bool bf16 = false;
+  bool gradient_checkpointing = false;
+  std::string resume_from_checkpoint;  // "", "auto", or a checkpoint dir
+  bool save_on_interrupt = false;
+
+  // LoRA (LLaVA's names, plus PEFT's)
+  bool lora_enable = false;
+  int64_t lora_r = 64;
+  double lora_alpha = 16;
+  double lora_dropout = 0.05;
+  std::string lora_bias = "none";
+  std::vector<std::string> lora_target_modules;  // empty = LLaVA's default: every LLM Linear but lm_head
+  std::string lora_target_regex;                  // PEFT's regex form (whole-path match)
+  bool use_rslora = false;
+  std::vector<std::string> modules_to_save;
+
+  // Scale-out
+  int64_t zero_stage = 0;
+  std::string deepspeed;  // a DeepSpeed JSON; its zero_optimization.stage sets zero_stage
+  double ddp_timeout = 1800;
+};
+
+// Reads a config file, applies `overrides` ("key=value"), validates. `where` for errors is the file path.
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides = {});
+TrainConfig parse_train_config(const YAML::Node& root, const std::string& where);
+
+// Every key a config may hold, sorted (for suggestions and docs).
+const std::vector<std::string>& config_keys();
+
+// The valid key closest to `key` by edit distance, or "" when none is close.
+std::string nearest_key(const std::string& key);
+
+}  // namespace llava::train

@@ -1,0 +1,63 @@
+// LoRA as PEFT defines it (peft/tuners/lora): for each targeted Linear,
+//   y = W x (+ b) + B(A(dropout(x))) * scaling,  scaling = alpha / r  (alpha / sqrt(r) with rsLoRA),
+// A [r, in] kaiming-uniform(a=sqrt(5)), B [out, r] zero, so training starts from the base model.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "model/linear.h"
+
+namespace llava::train {
+
+// PEFT's target_modules: a list of module-name suffixes, "all-linear", or a regex that must match the
+// whole module path.
+struct TargetModules {
+  enum class Kind { Suffixes, AllLinear, Regex } kind = Kind::Suffixes;
+  std::vector<std::string> suffixes;
+  std::string regex;
+
+  bool matches(const std::string& module_path) const;
+};
+
+struct LoraConfig {
+  int64_t r = 8;
+  double alpha = 8;
+  double dropout = 0.0;
+  bool use_rslora = false;
+  TargetModules target_modules;
+  double scaling() const;
+};
+
+class LoraAdapter : public model::LinearAdapter {
+ public:
+  LoraAdapter(int64_t in_features, int64_t out_features, const LoraConfig& config, const torch::TensorOptions& options);
+  torch::Tensor forward(const torch::Tensor& x) override;  // [..., in] -> [..., out]
+
+  torch::Tensor delta_weight() const;  // B A * scaling, [out, in], computed in fp32
+
+  torch::Tensor lora_A;  // [r, in]
+  torch::Tensor lora_B;  // [out, r]
+  double scaling;
+  double dropout;
+  bool merged = false;   // while merged the Linear does not call the adapter
+};
+
+struct LoraModule {
+  std::string path;  // module path in our canonical (HF >= 4.52) naming, e.g. model.language_model.layers.0.self_attn.q_proj
+  model::Linear linear;
+  std::shared_ptr<LoraAdapter> adapter;
+};
+
+// Attaches an adapter to every Linear of `root` whose path matches (the output layer lm_head is never a
+// target of "all-linear", as in PEFT). Error naming the targets and some Linear paths if nothing matches.
+std::vector<LoraModule> attach_lora(torch::nn::Module& root, const LoraConfig& config);
+
+// Folds B A * scaling into the base weight (and back out).
+void merge(LoraModule& m);
+void unmerge(LoraModule& m);
+
+}  // namespace llava::train
