@@ -9,6 +9,7 @@
 #include "io/error.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
+#include "train/pretrained_parts.h"
 
 namespace {
 
@@ -20,7 +21,8 @@ int run_eval_logits(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Compute the logits (and loss, with labels) of one batch");
   options.add_options()
       ("model", "model dir (config.json + weights)", cxxopts::value<std::string>())
-      ("adapter", "LoRA adapter dir", cxxopts::value<std::string>())
+      ("adapter", "PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors)", cxxopts::value<std::string>())
+      ("projector", "projector weights: LLaVA's mm_projector.bin / non_lora_trainables.bin", cxxopts::value<std::string>())
       ("batch", "input safetensors (input_ids, attention_mask, pixel_values, labels)", cxxopts::value<std::string>())
       ("out", "output safetensors (logits, loss)", cxxopts::value<std::string>())
       ("dtype", "fp32 or bf16 (weights and compute)", cxxopts::value<std::string>()->default_value("fp32"))
@@ -34,10 +36,11 @@ int run_eval_logits(int argc, char** argv) {
   }
   for (const char* required : {"model", "batch", "out"})
     if (!args.count(required)) llava::fail("eval-logits", std::string("--") + required + " is required");
-  if (args.count("adapter")) llava::fail("--adapter", "adapters are not supported yet (LoRA lands with its issue)");
 
   auto dtype = llava::model::parse_dtype(args["dtype"].as<std::string>());
   auto loaded = llava::model::load_model(args["model"].as<std::string>(), dtype, args["vision-tower"].as<std::string>());
+  if (args.count("projector")) llava::train::load_projector_weights(loaded.model, args["projector"].as<std::string>());
+  if (args.count("adapter")) llava::train::load_lora_adapter(loaded.model, args["adapter"].as<std::string>());
 
   const std::string batch_path = args["batch"].as<std::string>();
   auto batch = llava::io::SafetensorsFile::open(batch_path);

@@ -15,6 +15,7 @@
 #include "io/safetensors.h"
 #include "model/generate.h"
 #include "model/weights.h"
+#include "train/pretrained_parts.h"
 
 namespace {
 
@@ -92,8 +93,8 @@ int run_infer(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Generate token ids for a prompt (greedy unless --temperature > 0)");
   options.add_options()
       ("model", "model dir", cxxopts::value<std::string>())
-      ("adapter", "LoRA adapter dir", cxxopts::value<std::string>())
-      ("projector", "projector weights file", cxxopts::value<std::string>())
+      ("adapter", "PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors)", cxxopts::value<std::string>())
+      ("projector", "projector weights: LLaVA's mm_projector.bin / non_lora_trainables.bin", cxxopts::value<std::string>())
       ("image", "image file", cxxopts::value<std::string>())
       ("prompt", "prompt text", cxxopts::value<std::string>())
       ("input-ids", "prompt token ids, comma-separated", cxxopts::value<std::string>())
@@ -113,12 +114,12 @@ int run_infer(int argc, char** argv) {
     return 0;
   }
   if (!args.count("model")) llava::fail("infer", "--model is required");
-  if (args.count("adapter")) llava::fail("--adapter", "adapters are not supported yet (LoRA lands with its issue)");
-  if (args.count("projector")) llava::fail("--projector", "not supported yet (lands with the checkpoint issue)");
   if (args.count("image") && !args.count("prompt")) llava::fail("--image", "needs --prompt");
   const std::string model_dir = args["model"].as<std::string>();
   auto loaded = llava::model::load_model(model_dir, llava::model::parse_dtype(args["dtype"].as<std::string>()),
                                          args["vision-tower"].as<std::string>());
+  if (args.count("projector")) llava::train::load_projector_weights(loaded.model, args["projector"].as<std::string>());
+  if (args.count("adapter")) llava::train::load_lora_adapter(loaded.model, args["adapter"].as<std::string>());
   std::optional<llava::data::Tokenizer> tokenizer;
   Prompt prompt;
   if (args.count("prompt")) {

@@ -307,9 +307,10 @@ def test_original_llava_unsupported_projector_and_missing_tower(layout_model, tm
     assert_clear_error(run_bad(d, layout_model, tmp_path), "openai/clip-nowhere")
 
 
-def test_adapter_is_refused_not_ignored(layout_model, tmp_path):
+def test_adapter_dir_that_is_no_adapter_is_refused(layout_model, tmp_path):
     d = good_dir(layout_model, tmp_path)
-    assert_clear_error(run_bad(d, layout_model, tmp_path, "--adapter", str(tmp_path)), "--adapter", "not supported")
+    assert_clear_error(run_bad(d, layout_model, tmp_path, "--adapter", str(tmp_path)), str(tmp_path),
+                       "no adapter_config.json")
 
 
 def test_image_token_count_must_match_images(layout_model, tmp_path):

@@ -1,0 +1,109 @@
+#include "train/pretrained_parts.h"
+
+#include <filesystem>
+#include <map>
+
+#include "checkpoint/peft_adapter.h"
+#include "io/error.h"
+#include "io/safetensors.h"
+#include "io/torch_archive.h"
+#include "model/weights.h"
+
+namespace llava::train {
+
+namespace {
+
+// Every name a parameter of ours can have in any layout we load -> our canonical name.
+std::map<std::string, std::string> names_in_any_layout(const std::vector<std::string>& canonical_names) {
+  std::map<std::string, std::string> to_canonical;
+  for (auto layout : {model::KeyLayout::kHfModern, model::KeyLayout::kHfClassic, model::KeyLayout::kOriginal})
+    for (bool vision_level : {true, false})
+      for (const char* tower_dir : {"", "clip"}) {
+        model::WeightLayout w{layout, vision_level, tower_dir};
+        for (auto& name : canonical_names) to_canonical.emplace(model::checkpoint_name(name, w), name);
+      }
+  return to_canonical;
+}
+
+std::string strip_suffix(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0
+             ? s.substr(0, s.size() - suffix.size())
+             : s;
+}
+
+}  // namespace
+
+std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir) {
+  auto adapter = checkpoint::read_peft_lora_adapter(dir);
+  std::map<std::string, std::shared_ptr<torch::nn::Module>> linears;  // canonical path -> module
+  std::vector<std::string> weight_names;
+  for (auto& item : model->named_modules("", false))
+    if (item.value()->as<model::LinearImpl>()) {
+      linears[item.key()] = item.value();
+      weight_names.push_back(item.key() + ".weight");
+    }
+  const auto to_canonical = names_in_any_layout(weight_names);
+
+  LoraConfig config;
+  config.r = adapter.r;
+  config.alpha = adapter.lora_alpha;
+  config.use_rslora = adapter.use_rslora;
+  std::vector<LoraModule> attached;
+  torch::NoGradGuard no_grad;
+  for (auto& [file_path, weights] : adapter.modules) {
+    auto found = to_canonical.find(file_path + ".weight");
+    if (found == to_canonical.end())
+      fail(dir, "adapter module '" + file_path + "' is no Linear of this model");
+    const std::string path = strip_suffix(found->second, ".weight");
+    auto module = linears.at(path);
+    auto* linear = module->as<model::LinearImpl>();
+    if (weights.A.size(1) != linear->in_features() || weights.B.size(0) != linear->out_features())
+      fail(dir, "adapter module '" + file_path + "': lora_A " + c10::str(weights.A.sizes()) + " / lora_B " +
+                    c10::str(weights.B.sizes()) + " do not fit the Linear [" + std::to_string(linear->out_features()) +
+                    ", " + std::to_string(linear->in_features()) + "]");
+    auto lora = std::make_shared<LoraAdapter>(linear->in_features(), linear->out_features(), config,
+                                              linear->weight.options().requires_grad(false));
+    lora->lora_A.copy_(weights.A);
+    lora->lora_B.copy_(weights.B);
+    linear->adapter = lora;
+    attached.push_back({path, model::Linear(std::dynamic_pointer_cast<model::LinearImpl>(module)), lora});
+  }
+  return attached;
+}
+
+void load_projector_weights(model::LlavaForConditionalGeneration& model, const std::string& path) {
+  std::map<std::string, torch::Tensor> file_tensors;
+  if (path.size() > 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0) {
+    auto file = io::SafetensorsFile::open(path);
+    for (auto& t : file.tensors()) file_tensors[t.name] = file.get(t.name);
+  } else {
+    auto value = io::load_pt(path);
+    if (!value.isGenericDict()) fail(path, "expected a dict of name -> tensor");
+    for (auto& e : value.toGenericDict())
+      if (e.key().isString() && e.value().isTensor()) file_tensors[e.key().toStringRef()] = e.value().toTensor();
+  }
+  auto params = model->model->multi_modal_projector->named_parameters();
+  std::vector<std::string> canonical;
+  for (auto& p : params) canonical.push_back("model.multi_modal_projector." + p.key());
+  const auto to_canonical = names_in_any_layout(canonical);
+
+  std::map<std::string, torch::Tensor> found;  // canonical -> tensor
+  for (auto& [name, tensor] : file_tensors) {
+    std::string key = name.rfind("base_model.model.", 0) == 0 ? name.substr(17) : name;  // PEFT-wrapped names
+    auto it = to_canonical.find(key);
+    if (it != to_canonical.end()) found[it->second] = tensor;
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& p : params) {
+    const std::string name = "model.multi_modal_projector." + p.key();
+    auto it = found.find(name);
+    if (it == found.end())
+      fail(path, "no projector weight for '" + name + "' (looked for LLaVA's model.mm_projector.*, llava-hf's and ours)");
+    if (it->second.sizes() != p.value().sizes())
+      fail(path, "projector weight for '" + name + "' has shape " + c10::str(it->second.sizes()) + ", the model needs " +
+                     c10::str(p.value().sizes()));
+    p.value().copy_(it->second);
+  }
+}
+
+}  // namespace llava::train

@@ -1,0 +1,23 @@
+// Trained parts from other tools, applied to a loaded model for inference or as a starting point:
+// a PEFT LoRA adapter dir, and LLaVA's projector files (stage 1's mm_projector.bin, stage 2's
+// non_lora_trainables.bin). Both may name modules in any key layout our model loader reads.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "model/llava.h"
+#include "train/lora.h"
+
+namespace llava::train {
+
+// Attaches the adapter's LoRA weights (cast to the model dtype) to the matching Linear modules.
+// Error if a module of the adapter is no Linear of this model, or its shapes do not fit.
+std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir);
+
+// Copies the projector weights of a .bin/.safetensors file into the model. Keys may be LLaVA's
+// (model.mm_projector.0/2.*, with or without PEFT's base_model.model. prefix), llava-hf's or ours;
+// other keys (e.g. LoRA weights in non_lora_trainables.bin) are ignored. Error if a projector weight
+// is missing or has the wrong shape.
+void load_projector_weights(model::LlavaForConditionalGeneration& model, const std::string& path);
+
+}  // namespace llava::train
