@@ -94,3 +94,33 @@ def test_bad_adapter_and_projector_files(tmp_path):
     torch.save({"model.mm_projector.0.weight": torch.zeros(32, 32)}, tmp_path / "partial.bin")
     assert_clear_error(run([*base_args, "--projector", tmp_path / "partial.bin"], check=False),
                        "partial.bin", "no projector weight")
+
+
+@pytest.mark.parametrize("layout", ["modern", "classic"])
+def test_merged_model_loads_in_transformers_with_peft_logits(tmp_path, layout):
+    from transformers import LlavaForConditionalGeneration
+    config = tiny_llava.make_config()
+    base_dir = tiny_llava.save(tiny_llava.build(config, seed=1), str(tmp_path / "base"), layout=layout)
+    peft = get_peft_model(tiny_llava.build(config, seed=1),
+                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "o_proj", "up_proj"]))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft.eval()
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    out = tmp_path / "merged"
+    run([binary(), "merge", "--model", base_dir, "--adapter", tmp_path / "adapter", "--out", out,
+         "--max-shard-size", "20KB"])
+    assert (out / "model.safetensors.index.json").exists() and (out / "config.json").exists()
+    merged = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
+    batch = tiny_llava.make_batch(config, [1, 1], [5, 3], seed=7)
+    want = hf_logits(peft, batch)
+    diff = (hf_logits(merged, batch) - want).abs().max().item()
+    ours = (eval_logits(str(out), batch, tmp_path) - want).abs().max().item()
+    print(f"\n[{layout}] merged model in transformers vs PEFT: {diff:.3g}; ours on the merged dir: {ours:.3g}")
+    assert diff <= 1e-4 and ours <= 1e-4
+
+    again = run([binary(), "merge", "--model", base_dir, "--adapter", tmp_path / "adapter", "--out", out], check=False)
+    assert_clear_error(again, str(out), "not empty")
