@@ -3,11 +3,14 @@
 //   adamw IN.safetensors OUT.safetensors LR WEIGHT_DECAY STEPS MAX_NORM
 //     IN: p<i> (initial params), g<k>.<i> (gradient of param i at step k). OUT: p<i>, exp_avg<i>,
 //     exp_avg_sq<i> after STEPS updates, norm<k> (pre-clip grad norm of step k). Params 0,2,.. decay,
-//     1,3,.. do not (two groups, like HF Trainer's).
+//     1,3,.. do not (two groups, like HF Trainer's). Options after MAX_NORM: --load OPT.pt (start from that
+//     optimizer state), --save DIR (write DIR/optimizer.pt and DIR/scheduler.pt after the steps).
 #include <cstdio>
 #include <iostream>
 
 #include "io/safetensors.h"
+#include "io/torch_archive.h"
+#include "train/hf_state.h"
 #include "train/adamw.h"
 #include "train/schedule.h"
 
@@ -24,7 +27,7 @@ static int run_schedule(int argc, char** argv) {
   return 0;
 }
 
-static int run_adamw(char** argv) {
+static int run_adamw(int argc, char** argv) {
   auto in = io::SafetensorsFile::open(argv[2]);
   const double lr = std::stod(argv[4]), wd = std::stod(argv[5]), max_norm = std::stod(argv[7]);
   const int steps = std::stoi(argv[6]);
@@ -36,6 +39,11 @@ static int run_adamw(char** argv) {
     all.push_back(p);
   }
   train::AdamW opt({decay, no_decay}, {});
+  std::string save_dir;
+  for (int a = 8; a + 1 < argc; a += 2) {
+    if (std::string(argv[a]) == "--load") train::load_adamw_state_dict(opt, io::load_pt(argv[a + 1]), argv[a + 1]);
+    if (std::string(argv[a]) == "--save") save_dir = argv[a + 1];
+  }
   io::NamedTensors out;
   for (int k = 0; k < steps; ++k) {
     for (size_t i = 0; i < all.size(); ++i)
@@ -53,6 +61,10 @@ static int run_adamw(char** argv) {
       out.emplace_back("exp_avg_sq" + i, opt.state()[g][j].exp_avg_sq);
     }
   io::save_safetensors(argv[3], out);
+  if (!save_dir.empty()) {
+    io::save_pt(save_dir + "/optimizer.pt", train::adamw_state_dict(opt));
+    io::save_pt(save_dir + "/scheduler.pt", train::lambda_lr_state_dict(opt, steps));
+  }
   return 0;
 }
 
@@ -60,7 +72,7 @@ int main(int argc, char** argv) {
   try {
     const std::string cmd = argc > 1 ? argv[1] : "";
     if (cmd == "schedule" && argc >= 7) return run_schedule(argc, argv);
-    if (cmd == "adamw" && argc == 8) return run_adamw(argv);
+    if (cmd == "adamw" && argc >= 8) return run_adamw(argc, argv);
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;
