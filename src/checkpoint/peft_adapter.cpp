@@ -85,4 +85,38 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name) {
   return adapter;
 }
 
+void write_peft_lora_adapter(const std::string& dir, const PeftLoraAdapter& adapter, double lora_dropout,
+                             const std::vector<std::string>& target_modules, const std::string& base_model_name_or_path) {
+  fs::create_directories(dir);
+  nlohmann::json config = {  // nlohmann's object keeps keys sorted, like PEFT's sort_keys=True
+      {"alpha_pattern", nlohmann::json::object()},
+      {"auto_mapping", nullptr},
+      {"base_model_name_or_path", base_model_name_or_path},
+      {"bias", "none"},
+      {"fan_in_fan_out", false},
+      {"inference_mode", true},
+      {"init_lora_weights", true},
+      {"layers_pattern", nullptr},
+      {"layers_to_transform", nullptr},
+      {"lora_alpha", adapter.lora_alpha},
+      {"lora_dropout", lora_dropout},
+      {"modules_to_save", nullptr},
+      {"peft_type", "LORA"},
+      {"r", adapter.r},
+      {"rank_pattern", nlohmann::json::object()},
+      {"revision", nullptr},
+      {"target_modules", target_modules},
+      {"task_type", "CAUSAL_LM"},
+      {"use_dora", false},
+      {"use_rslora", adapter.use_rslora},
+  };
+  io::NamedTensors tensors;
+  for (auto& [path, w] : adapter.modules) {
+    tensors.emplace_back(kPrefix + path + ".lora_A.weight", w.A);
+    tensors.emplace_back(kPrefix + path + ".lora_B.weight", w.B);
+  }
+  io::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors);
+  io::write_file_atomic((fs::path(dir) / "adapter_config.json").string(), config.dump(2) + "\n");
+}
+
 }  // namespace llava::checkpoint

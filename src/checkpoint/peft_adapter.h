@@ -5,6 +5,7 @@
 #pragma once
 #include <map>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -25,5 +26,11 @@ struct PeftLoraAdapter {
 // Error names the file and the fault: missing files, another peft_type, DoRA / rank or alpha patterns /
 // modules_to_save (not supported yet), keys that are not LoRA A/B pairs, shapes that disagree with r.
 PeftLoraAdapter read_peft_lora_adapter(const std::string& dir);
+
+// Writes adapter_config.json (the LoRA keys PEFT has written since 0.9, sorted like PEFT's json dump,
+// task_type CAUSAL_LM as LLaVA saves it) and adapter_model.safetensors, each atomically. `modules` keys
+// are the module paths to write (in the base checkpoint's layout).
+void write_peft_lora_adapter(const std::string& dir, const PeftLoraAdapter& adapter, double lora_dropout,
+                             const std::vector<std::string>& target_modules, const std::string& base_model_name_or_path);
 
 }  // namespace llava::checkpoint

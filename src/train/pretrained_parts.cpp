@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <map>
+#include <set>
 
 #include "checkpoint/peft_adapter.h"
 #include "io/error.h"
@@ -69,6 +70,22 @@ std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& 
     attached.push_back({path, model::Linear(std::dynamic_pointer_cast<model::LinearImpl>(module)), lora});
   }
   return attached;
+}
+
+void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& modules, const LoraConfig& config,
+                       const model::WeightLayout& layout, const std::string& base_model_name_or_path) {
+  checkpoint::PeftLoraAdapter adapter;
+  adapter.r = config.r;
+  adapter.lora_alpha = config.alpha;
+  adapter.use_rslora = config.use_rslora;
+  std::set<std::string> targets;
+  for (auto& m : modules) {
+    const std::string path = strip_suffix(model::checkpoint_name(m.path + ".weight", layout), ".weight");
+    adapter.modules[path] = {m.adapter->lora_A.detach(), m.adapter->lora_B.detach()};
+    targets.insert(path.substr(path.rfind('.') + 1));  // PEFT lists target module names by suffix
+  }
+  checkpoint::write_peft_lora_adapter(dir, adapter, config.dropout, {targets.begin(), targets.end()},
+                                      base_model_name_or_path);
 }
 
 void load_projector_weights(model::LlavaForConditionalGeneration& model, const std::string& path) {

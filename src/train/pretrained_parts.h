@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "model/llava.h"
+#include "model/weights.h"
 #include "train/lora.h"
 
 namespace llava::train {
@@ -13,6 +14,11 @@ namespace llava::train {
 // Attaches the adapter's LoRA weights (cast to the model dtype) to the matching Linear modules.
 // Error if a module of the adapter is no Linear of this model, or its shapes do not fit.
 std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir);
+
+// Writes `modules` as a PEFT adapter dir whose module paths follow `layout` (the base checkpoint's key
+// layout, so PEFT and LLaVA tools find them under the names they loaded the base with).
+void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& modules, const LoraConfig& config,
+                       const model::WeightLayout& layout, const std::string& base_model_name_or_path);
 
 // Copies the projector weights of a .bin/.safetensors file into the model. Keys may be LLaVA's
 // (model.mm_projector.0/2.*, with or without PEFT's base_model.model. prefix), llava-hf's or ours;

@@ -124,3 +124,34 @@ def test_merged_model_loads_in_transformers_with_peft_logits(tmp_path, layout):
 
     again = run([binary(), "merge", "--model", base_dir, "--adapter", tmp_path / "adapter", "--out", out], check=False)
     assert_clear_error(again, str(out), "not empty")
+
+
+@pytest.mark.parametrize("layout", ["modern", "classic"])
+def test_our_adapter_files_load_in_peft_in_the_base_layout(tmp_path, layout):
+    import os
+    from peft import PeftModel
+    from safetensors import safe_open
+    config = tiny_llava.make_config()
+    base_dir = tiny_llava.save(tiny_llava.build(config, seed=1), str(tmp_path / "base"), layout=layout)
+    peft = get_peft_model(tiny_llava.build(config, seed=1),
+                          LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["k_proj", "gate_proj", "fc1"]))
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft.eval()
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    run([os.environ["LLAVA_TRAIN_TOOL"], "adapter-copy", base_dir, tmp_path / "adapter", tmp_path / "ours"])
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata() == {"format": "pt"}
+    text_prefix = {"modern": "base_model.model.model.language_model.", "classic": "base_model.model.language_model.model."}
+    assert any(k.startswith(text_prefix[layout]) for k in keys), keys[:3]
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and sorted(cfg["target_modules"]) == ["fc1", "gate_proj", "k_proj"]
+    reloaded = PeftModel.from_pretrained(tiny_llava.build(config, seed=1), str(tmp_path / "ours")).eval()
+    batch = tiny_llava.make_batch(config, [1], [6], seed=9)
+    diff = (hf_logits(reloaded, batch) - hf_logits(peft, batch)).abs().max().item()
+    print(f"\n[{layout}] PeftModel.from_pretrained(our adapter) vs the original: {diff:.3g}")
+    assert diff <= 1e-6

@@ -1,5 +1,7 @@
 // Drives the optimizer pieces for the oracle tests:
 //   schedule TYPE BASE_LR WARMUP_STEPS WARMUP_RATIO TOTAL [MIN_LR_RATE]  -> one lr per line, steps 0..TOTAL
+//   adapter-copy MODEL_DIR ADAPTER_IN ADAPTER_OUT  -> reads a PEFT adapter over the model and writes it
+//     again with our writer, in the model checkpoint's key layout
 //   adamw IN.safetensors OUT.safetensors LR WEIGHT_DECAY STEPS MAX_NORM
 //     IN: p<i> (initial params), g<k>.<i> (gradient of param i at step k). OUT: p<i>, exp_avg<i>,
 //     exp_avg_sq<i> after STEPS updates, norm<k> (pre-clip grad norm of step k). Params 0,2,.. decay,
@@ -11,6 +13,8 @@
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
 #include "train/hf_state.h"
+#include "train/pretrained_parts.h"
+#include "model/weights.h"
 #include "train/adamw.h"
 #include "train/schedule.h"
 
@@ -68,11 +72,22 @@ static int run_adamw(int argc, char** argv) {
   return 0;
 }
 
+static int run_adapter_copy(char** argv) {
+  auto loaded = model::load_model(argv[2], torch::kFloat32);
+  auto modules = train::load_lora_adapter(loaded.model, argv[3]);
+  auto config = train::LoraConfig();
+  config.r = modules.at(0).adapter->lora_A.size(0);
+  config.alpha = modules.at(0).adapter->scaling * config.r;
+  train::save_lora_adapter(argv[4], modules, config, loaded.layout, argv[2]);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   try {
     const std::string cmd = argc > 1 ? argv[1] : "";
     if (cmd == "schedule" && argc >= 7) return run_schedule(argc, argv);
     if (cmd == "adamw" && argc >= 8) return run_adamw(argc, argv);
+    if (cmd == "adapter-copy" && argc == 5) return run_adapter_copy(argv);
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;
