@@ -1,0 +1,56 @@
+// The HF Trainer's `output_dir/checkpoint-<global_step>/` folders, written so that a crash never leaves a
+// half checkpoint behind a valid name: files go into `output_dir/.checkpoint-<step>.partial`, every file
+// and the folder are fsynced, then the folder is renamed to `checkpoint-<step>` and output_dir is fsynced.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace llava::checkpoint {
+
+class PendingCheckpoint {
+ public:
+  // Starts `output_dir/.checkpoint-<step>.partial` (removing a stale one from an earlier crash).
+  PendingCheckpoint(const std::string& output_dir, int64_t step);
+  ~PendingCheckpoint();  // an uncommitted partial folder is removed
+  PendingCheckpoint(const PendingCheckpoint&) = delete;
+  PendingCheckpoint& operator=(const PendingCheckpoint&) = delete;
+
+  const std::string& dir() const { return partial_; }  // write the checkpoint's files here
+  // fsync + rename to checkpoint-<step> (replacing an existing one of that step). Returns the final path.
+  std::string commit();
+
+ private:
+  std::string output_dir_, partial_, final_;
+  bool committed_ = false;
+};
+
+// Complete checkpoint-N folders of `output_dir`, oldest (smallest N) first.
+std::vector<std::string> complete_checkpoints(const std::string& output_dir);
+
+// The newest complete checkpoint (largest N, as transformers' get_last_checkpoint), if any.
+std::optional<std::string> latest_checkpoint(const std::string& output_dir);
+
+// save_total_limit: removes the oldest complete checkpoints beyond `limit` (0 = keep all); the newest is
+// always kept. Returns the removed folders.
+std::vector<std::string> rotate_checkpoints(const std::string& output_dir, int64_t limit);
+
+// trainer_state.json as TrainerState.save_to_json writes it (indent 2, sorted keys), with the fields every
+// transformers version from 4.37 (LLaVA's) to 5.x accepts.
+struct TrainerState {
+  double epoch = 0;
+  int64_t global_step = 0;
+  int64_t max_steps = 0;
+  int64_t logging_steps = 500, eval_steps = 500, save_steps = 500;
+  int64_t train_batch_size = 1;
+  int64_t num_train_epochs = 1;
+  double total_flos = 0;
+  nlohmann::json log_history = nlohmann::json::array();
+};
+void write_trainer_state(const std::string& path, const TrainerState& state);
+TrainerState read_trainer_state(const std::string& path);
+
+}  // namespace llava::checkpoint
