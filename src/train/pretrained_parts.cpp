@@ -6,6 +6,7 @@
 
 #include "checkpoint/peft_adapter.h"
 #include "io/error.h"
+#include "io/pickle.h"
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
 #include "model/weights.h"
@@ -121,6 +122,16 @@ void load_projector_weights(model::LlavaForConditionalGeneration& model, const s
                      c10::str(p.value().sizes()));
     p.value().copy_(it->second);
   }
+}
+
+void save_projector_weights(const std::string& path, model::LlavaForConditionalGeneration& model,
+                            const model::WeightLayout& layout, bool peft_prefix) {
+  auto dict = io::pickle::new_dict();
+  for (auto& p : model->model->multi_modal_projector->named_parameters()) {
+    const std::string name = model::checkpoint_name("model.multi_modal_projector." + p.key(), layout);
+    dict.insert((peft_prefix ? "base_model.model." : "") + name, p.value().detach().to(torch::kCPU));
+  }
+  io::save_pt(path, dict);
 }
 
 }  // namespace llava::train

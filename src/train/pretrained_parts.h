@@ -26,4 +26,10 @@ void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& mo
 // is missing or has the wrong shape.
 void load_projector_weights(model::LlavaForConditionalGeneration& model, const std::string& path);
 
+// Writes the projector as LLaVA does: stage 1's mm_projector.bin (keys as the base model names them, e.g.
+// model.mm_projector.0.weight for original LLaVA) or, with `peft_prefix`, stage 2's
+// non_lora_trainables.bin (the same keys under base_model.model.). A torch.save file.
+void save_projector_weights(const std::string& path, model::LlavaForConditionalGeneration& model,
+                            const model::WeightLayout& layout, bool peft_prefix);
+
 }  // namespace llava::train

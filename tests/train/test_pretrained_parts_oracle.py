@@ -155,3 +155,27 @@ def test_our_adapter_files_load_in_peft_in_the_base_layout(tmp_path, layout):
     diff = (hf_logits(reloaded, batch) - hf_logits(peft, batch)).abs().max().item()
     print(f"\n[{layout}] PeftModel.from_pretrained(our adapter) vs the original: {diff:.3g}")
     assert diff <= 1e-6
+
+
+@pytest.mark.parametrize("layout,peft", [("original", False), ("original", True), ("modern", False)])
+def test_our_projector_files_use_llava_names_and_load_weights_only(tmp_path, layout, peft):
+    import os
+    config = tiny_llava.make_config()
+    model = tiny_llava.build(config, seed=1)
+    base_dir = tiny_llava.save(model, str(tmp_path / "base"), layout=layout)
+    proj = model.model.multi_modal_projector
+    names = {"original": ["model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
+                          "model.mm_projector.2.bias"],
+             "modern": ["model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias",
+                        "model.multi_modal_projector.linear_2.weight", "model.multi_modal_projector.linear_2.bias"]}[layout]
+    values = [proj.linear_1.weight, proj.linear_1.bias, proj.linear_2.weight, proj.linear_2.bias]
+    g = torch.Generator().manual_seed(10)
+    src = {n: torch.randn(v.shape, generator=g) for n, v in zip(names, values)}
+    torch.save(src, tmp_path / "in.bin")
+    args = [os.environ["LLAVA_TRAIN_TOOL"], "projector-copy", base_dir, tmp_path / "in.bin", tmp_path / "out.bin"]
+    run(args + (["--peft"] if peft else []))
+    out = torch.load(tmp_path / "out.bin", weights_only=True)
+    prefix = "base_model.model." if peft else ""
+    assert sorted(out) == sorted(prefix + n for n in names)
+    for n in names:
+        assert torch.equal(out[prefix + n], src[n])

@@ -2,6 +2,7 @@
 //   schedule TYPE BASE_LR WARMUP_STEPS WARMUP_RATIO TOTAL [MIN_LR_RATE]  -> one lr per line, steps 0..TOTAL
 //   adapter-copy MODEL_DIR ADAPTER_IN ADAPTER_OUT  -> reads a PEFT adapter over the model and writes it
 //     again with our writer, in the model checkpoint's key layout
+//   projector-copy MODEL_DIR IN.bin OUT.bin [--peft]  -> loads projector weights, writes them as LLaVA does
 //   adamw IN.safetensors OUT.safetensors LR WEIGHT_DECAY STEPS MAX_NORM
 //     IN: p<i> (initial params), g<k>.<i> (gradient of param i at step k). OUT: p<i>, exp_avg<i>,
 //     exp_avg_sq<i> after STEPS updates, norm<k> (pre-clip grad norm of step k). Params 0,2,.. decay,
@@ -82,12 +83,20 @@ static int run_adapter_copy(char** argv) {
   return 0;
 }
 
+static int run_projector_copy(int argc, char** argv) {
+  auto loaded = model::load_model(argv[2], torch::kFloat32);
+  train::load_projector_weights(loaded.model, argv[3]);
+  train::save_projector_weights(argv[4], loaded.model, loaded.layout, argc > 5 && std::string(argv[5]) == "--peft");
+  return 0;
+}
+
 int main(int argc, char** argv) {
   try {
     const std::string cmd = argc > 1 ? argv[1] : "";
     if (cmd == "schedule" && argc >= 7) return run_schedule(argc, argv);
     if (cmd == "adamw" && argc >= 8) return run_adamw(argc, argv);
     if (cmd == "adapter-copy" && argc == 5) return run_adapter_copy(argv);
+    if (cmd == "projector-copy" && argc >= 5) return run_projector_copy(argc, argv);
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;
