@@ -1,0 +1,59 @@
+// `llava train CONFIG.yaml [--set key=value ...]`: single-process training (stage 1, stage 2 LoRA or a
+// full fine-tune, by the config). Debugging / test outputs, not checkpoints:
+//   --init-lora-from DIR      start LoRA A/B from a PEFT adapter dir (adapter_model.safetensors)
+//   --metrics-out FILE.json   every optimizer step's loss, grad_norm, learning_rate, epoch
+//   --save-trainables FILE    the trainable tensors after the last step, as safetensors
+#include <cxxopts.hpp>
+#include <iostream>
+
+#include "cli/command.h"
+#include "train/config.h"
+#include "train/trainer.h"
+
+namespace {
+
+// `--set` values are taken out before cxxopts sees them: cxxopts would split a YAML list at its commas.
+std::vector<std::string> take_overrides(int& argc, char** argv) {
+  std::vector<std::string> overrides;
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--set" && i + 1 < argc) {
+      overrides.push_back(argv[++i]);
+    } else if (arg.rfind("--set=", 0) == 0) {
+      overrides.push_back(arg.substr(6));
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  return overrides;
+}
+
+int run_train(int argc, char** argv) {
+  const auto overrides = take_overrides(argc, argv);
+  cxxopts::Options options(argv[0], "Train LLaVA as a YAML config says (--set key=value overrides any key)");
+  options.add_options()("config", "YAML training config", cxxopts::value<std::string>())(
+      "init-lora-from", "debug/test: PEFT adapter dir whose LoRA weights replace the random init",
+      cxxopts::value<std::string>()->default_value(""))(
+      "metrics-out", "debug/test: write per-step loss/grad_norm/learning_rate/epoch as JSON",
+      cxxopts::value<std::string>()->default_value(""))(
+      "save-trainables", "debug/test: write the trained tensors to this .safetensors (not a checkpoint)",
+      cxxopts::value<std::string>()->default_value(""))("h,help", "show help");
+  options.parse_positional({"config"});
+  options.positional_help("CONFIG.yaml [--set key=value ...]");
+  auto args = options.parse(argc, argv);
+  if (args.count("help") || !args.count("config")) {
+    std::cout << options.help();
+    return args.count("help") ? 0 : 2;
+  }
+  const auto cfg = llava::train::load_train_config(args["config"].as<std::string>(), overrides);
+  llava::train::TrainDebugOptions debug{args["init-lora-from"].as<std::string>(), args["metrics-out"].as<std::string>(),
+                                        args["save-trainables"].as<std::string>()};
+  llava::train::train(cfg, debug, std::cout);
+  return 0;
+}
+
+}  // namespace
+
+LLAVA_COMMAND("train", "train LLaVA from a YAML config (stage 1, stage 2 LoRA, full fine-tune)", run_train);

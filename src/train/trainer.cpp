@@ -1,0 +1,320 @@
+#include "train/trainer.h"
+
+#include <charconv>
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <ostream>
+
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/peft_adapter.h"
+#include "data/config.h"
+#include "io/error.h"
+#include "io/file_util.h"
+#include "io/safetensors.h"
+#include "model/layers.h"
+#include "model/weights.h"
+#include "train/adamw.h"
+#include "train/lora.h"
+#include "train/schedule.h"
+
+namespace llava::train {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// A tensor the optimizer updates, named as the PEFT-wrapped HF model's named_parameters() would list it
+// (minus PEFT's prefixes): base parameters by their canonical name, adapters as <module>.lora_{A,B}.weight.
+struct Trainable {
+  std::string name;
+  torch::Tensor param;
+  bool no_decay;   // biases and norm weights: HF Trainer puts them in the weight_decay 0 group
+  bool projector;  // LLaVATrainer gives these mm_projector_lr when it is set
+};
+
+bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
+bool is_projector(const std::string& name) { return starts_with(name, "model.multi_modal_projector."); }
+bool is_vision(const std::string& name) { return starts_with(name, "model.vision_tower."); }
+
+// Features still to come fail loudly rather than train something other than what the config says.
+void check_supported(const TrainConfig& c) {
+  auto unsupported = [](const std::string& key, const std::string& why) {
+    throw Error("config key '" + key + "': " + why);
+  };
+  if (c.bf16) unsupported("bf16", "bf16 mixed precision is not implemented yet; set bf16: false (fp32)");
+  if (c.gradient_checkpointing) unsupported("gradient_checkpointing", "not implemented yet; set it to false");
+  if (c.zero_stage > 0 || !c.deepspeed.empty())
+    unsupported(c.deepspeed.empty() ? "zero_stage" : "deepspeed", "`llava train` runs one process without ZeRO");
+  if (!c.pretrain_mm_mlp_adapter.empty())
+    unsupported("pretrain_mm_mlp_adapter", "loading a stage-1 projector file is not implemented yet");
+  if (!c.resume_from_checkpoint.empty()) unsupported("resume_from_checkpoint", "checkpoints are not implemented yet");
+}
+
+// How an image appears in input_ids for this model: llava-hf configs expand <image> to one
+// image_token_index per vision feature; original LLaVA keeps one -200 placeholder per image.
+data::ImageTokens image_tokens_for(const model::LlavaConfig& c) {
+  if (c.dialect == model::ConfigDialect::kOriginalLlava) return {};
+  return {c.image_token_index, c.image_seq_length()};
+}
+
+// PEFT target_modules from the config. LLaVA's default (find_all_linear_names) is every Linear of the
+// language model; lm_head lives outside model.language_model, so it is never a default target.
+LoraConfig lora_config_for(const TrainConfig& c) {
+  LoraConfig l;
+  l.r = c.lora_r;
+  l.alpha = c.lora_alpha;
+  l.dropout = c.lora_dropout;
+  l.use_rslora = c.use_rslora;
+  auto& t = l.target_modules;
+  if (!c.lora_target_regex.empty()) {
+    t.kind = TargetModules::Kind::Regex;
+    t.regex = c.lora_target_regex;
+  } else if (c.lora_target_modules == std::vector<std::string>{"all-linear"}) {
+    t.kind = TargetModules::Kind::AllLinear;
+  } else if (!c.lora_target_modules.empty()) {
+    t.kind = TargetModules::Kind::Suffixes;
+    t.suffixes = c.lora_target_modules;
+  } else {
+    t.kind = TargetModules::Kind::Regex;
+    t.regex = R"(model\.language_model\..*)";
+  }
+  return l;
+}
+
+// Base weights that train: the projector always; the vision tower with unfreeze_mm_vision_tower; the
+// LLM (and lm_head) only in a full fine-tune; plus PEFT's modules_to_save.
+bool base_param_trains(const TrainConfig& c, const std::string& module_path, const std::string& name) {
+  for (auto& m : c.modules_to_save) {  // PEFT: the module path equals the entry or ends with "." + entry
+    const bool suffix = module_path.size() > m.size() && module_path.substr(module_path.size() - m.size() - 1) == "." + m;
+    if (module_path == m || suffix) return true;
+  }
+  if (is_projector(name)) return true;
+  if (is_vision(name)) return c.unfreeze_mm_vision_tower;
+  return !c.tune_mm_mlp_adapter && !c.lora_enable && !c.freeze_backbone;
+}
+
+// Marks every parameter trainable or frozen and lists the trainable ones in PEFT's named_parameters()
+// order: module tree pre-order, a module's own parameters first, then its adapter's lora_A, lora_B.
+std::vector<Trainable> choose_trainables(model::LlavaForConditionalGeneration& model, const TrainConfig& c,
+                                         const std::vector<LoraModule>& lora) {
+  std::map<std::string, std::shared_ptr<LoraAdapter>> adapters;
+  for (auto& m : lora) adapters[m.path] = m.adapter;
+  std::vector<Trainable> out;
+  for (auto& item : model->named_modules("", /*include_self=*/true)) {
+    const std::string& path = item.key();
+    const bool is_norm = item.value()->as<model::LayerNormImpl>() || item.value()->as<model::RMSNormImpl>();
+    for (auto& p : item.value()->named_parameters(/*recurse=*/false)) {
+      const std::string name = path.empty() ? p.key() : path + "." + p.key();
+      const bool trains = base_param_trains(c, path, name);
+      p.value().set_requires_grad(trains);
+      if (trains) out.push_back({name, p.value(), is_norm || p.key() == "bias", is_projector(name)});
+    }
+    auto it = adapters.find(path);
+    if (it == adapters.end()) continue;
+    for (auto* t : {&it->second->lora_A, &it->second->lora_B}) t->set_requires_grad(true);
+    out.push_back({path + ".lora_A.weight", it->second->lora_A, false, is_projector(path + ".")});
+    out.push_back({path + ".lora_B.weight", it->second->lora_B, false, is_projector(path + ".")});
+  }
+  return out;
+}
+
+// HF Trainer's decay / no-decay groups; LLaVATrainer's separate projector groups when mm_projector_lr > 0.
+std::vector<ParamGroup> param_groups(const std::vector<Trainable>& trainables, const TrainConfig& c) {
+  const bool split_projector = c.mm_projector_lr > 0;
+  std::vector<ParamGroup> groups = {{"decay", {}, {}, c.learning_rate, c.learning_rate, c.weight_decay},
+                                    {"no_decay", {}, {}, c.learning_rate, c.learning_rate, 0.0},
+                                    {"projector_decay", {}, {}, c.mm_projector_lr, c.mm_projector_lr, c.weight_decay},
+                                    {"projector_no_decay", {}, {}, c.mm_projector_lr, c.mm_projector_lr, 0.0}};
+  for (auto& t : trainables) {
+    auto& g = groups[(split_projector && t.projector ? 2 : 0) + (t.no_decay ? 1 : 0)];
+    g.names.push_back(t.name);
+    g.params.push_back(t.param);
+  }
+  std::vector<ParamGroup> non_empty;
+  for (auto& g : groups)
+    if (!g.params.empty()) non_empty.push_back(std::move(g));
+  return non_empty;
+}
+
+// Test hook: LoRA A/B from a PEFT adapter dir (module paths in the checkpoint's layout), so a Python PEFT
+// loop and this trainer start from the same adapters.
+void load_peft_adapters(const std::vector<LoraModule>& lora, const std::string& dir, const model::WeightLayout& layout) {
+  const auto adapter = checkpoint::read_peft_lora_adapter(dir);
+  torch::NoGradGuard no_grad;
+  for (auto& m : lora) {
+    std::string module = model::checkpoint_name(m.path + ".weight", layout);
+    module = module.substr(0, module.size() - std::string(".weight").size());
+    auto it = adapter.modules.find(module);
+    if (it == adapter.modules.end()) fail(dir, "no LoRA weights for '" + module + "' (the LoRA target " + m.path + ")");
+    for (auto [value, tensor] : {std::pair{it->second.A, &m.adapter->lora_A}, std::pair{it->second.B, &m.adapter->lora_B}}) {
+      if (value.sizes() != tensor->sizes())
+        fail(dir, "LoRA weights of '" + module + "' have shape " + c10::str(value.sizes()) + ", expected " +
+                      c10::str(tensor->sizes()));
+      tensor->copy_(value);
+    }
+  }
+}
+
+// Tokens the causal-LM loss scores in a batch: labels shifted by one (position 0 predicts nothing).
+int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
+  return labels.slice(1, 1).ne(-100).sum().item<int64_t>();
+}
+
+// One micro-batch's share of the step loss: sum of its token losses / tokens of the whole accumulation
+// window. Summed over the window this is the mean token loss of all its micro-batches, which is what
+// transformers >= 4.46 Trainer computes (num_items_in_batch), so a sample's weight does not depend on
+// how the window is cut into micro-batches.
+torch::Tensor micro_batch_loss(model::LlavaForConditionalGeneration& model, const data::Batch& batch,
+                               int64_t window_tokens) {
+  const bool has_pixels = batch.pixel_values.defined() && batch.pixel_values.size(0) > 0;
+  auto logits = model->forward(batch.input_ids, batch.attention_mask, has_pixels ? batch.pixel_values : torch::Tensor());
+  const int64_t n = scored_tokens(batch.labels);
+  if (n == 0) return logits.sum() * 0.0;  // keeps the graph; contributes nothing
+  return model::causal_lm_loss(logits, batch.labels) * (static_cast<double>(n) / window_tokens);
+}
+
+// The HF log line: {'loss': ..., 'grad_norm': ..., 'learning_rate': ..., 'epoch': ...}
+std::string log_line(double loss, double grad_norm, double lr, double epoch) {
+  return "{'loss': " + format_float(loss) + ", 'grad_norm': " + format_float(grad_norm) +
+         ", 'learning_rate': " + format_float(lr) + ", 'epoch': " + format_float(epoch) + "}";
+}
+
+void write_metrics(const std::string& path, const std::vector<StepMetrics>& history,
+                   const std::vector<Trainable>& trainables) {
+  nlohmann::json steps = nlohmann::json::array();
+  for (auto& m : history)
+    steps.push_back({{"step", m.step}, {"loss", m.loss}, {"grad_norm", m.grad_norm},
+                     {"learning_rate", m.learning_rate}, {"epoch", m.epoch}});
+  nlohmann::json names = nlohmann::json::array();
+  for (auto& t : trainables) names.push_back(t.name);
+  io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}}.dump(1) + "\n");
+}
+
+}  // namespace
+
+std::string format_float(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  char buf[64];
+  auto end = std::to_chars(buf, buf + sizeof buf, x, std::chars_format::scientific).ptr;  // shortest round trip
+  std::string s(buf, end), sign;
+  if (s[0] == '-') sign = "-", s.erase(0, 1);
+  const size_t e = s.find('e');
+  const int exp = std::stoi(s.substr(e + 1));
+  std::string digits;
+  for (size_t i = 0; i < e; ++i)
+    if (s[i] != '.') digits += s[i];
+  if (exp < -4 || exp >= 16) {  // Python's repr switches to exponent form outside [1e-4, 1e16)
+    std::string a = std::to_string(std::abs(exp));
+    return sign + digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "") + "e" +
+           (exp < 0 ? "-" : "+") + (a.size() < 2 ? "0" : "") + a;
+  }
+  if (exp < 0) return sign + "0." + std::string(-exp - 1, '0') + digits;
+  if (static_cast<int>(digits.size()) <= exp + 1) return sign + digits + std::string(exp + 1 - digits.size(), '0') + ".0";
+  return sign + digits.substr(0, exp + 1) + "." + digits.substr(exp + 1);
+}
+
+std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& debug, std::ostream& log) {
+  check_supported(cfg);
+
+  // Model, then what trains.
+  auto loaded = model::load_model(cfg.model_name_or_path, torch::kFloat32, cfg.vision_tower);
+  auto& model = loaded.model;
+  model->train();
+  std::vector<LoraModule> lora;
+  if (cfg.lora_enable) {
+    torch::manual_seed(cfg.data.seed);  // PEFT's init draws lora_A from the global generator
+    try {
+      lora = attach_lora(*model, lora_config_for(cfg));
+    } catch (const Error& e) {  // name the config key that chose the targets
+      const std::string key = cfg.lora_target_regex.empty() ? "lora_target_modules" : "lora_target_regex";
+      throw Error("config key '" + key + "': " + e.what());
+    }
+    if (!debug.init_lora_from.empty()) load_peft_adapters(lora, debug.init_lora_from, loaded.layout);
+  } else if (!debug.init_lora_from.empty()) {
+    throw Error("--init-lora-from needs lora_enable: true");
+  }
+  const auto trainables = choose_trainables(model, cfg, lora);
+  if (trainables.empty()) throw Error("config: nothing to train (every parameter is frozen)");
+
+  // Data: batches exactly as `llava preprocess` writes them.
+  const auto dataset = data::make_dataset(cfg.data, image_tokens_for(loaded.config));
+  data::DistributedSampler sampler(data::sampler_config_for(cfg.data), dataset.modality_lengths(), 0, 1);
+  const int64_t batches_per_epoch = sampler.epoch_length() / sampler.global_batch();
+  if (batches_per_epoch == 0) throw Error("data set has fewer samples than one batch (dataloader_drop_last)");
+
+  // Steps as HF Trainer counts them: an epoch's last window may hold fewer micro-batches.
+  const int64_t accum = cfg.gradient_accumulation_steps;
+  const int64_t steps_per_epoch = (batches_per_epoch + accum - 1) / accum;
+  const int64_t max_steps = cfg.max_steps > 0 ? cfg.max_steps
+                                              : static_cast<int64_t>(std::ceil(cfg.num_train_epochs * steps_per_epoch));
+  const int64_t epochs = (max_steps + steps_per_epoch - 1) / steps_per_epoch;
+
+  AdamW optimizer(param_groups(trainables, cfg), {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon});
+  Schedule schedule{schedule_from_name(cfg.lr_scheduler_type),
+                    warmup_steps_for(cfg.warmup_steps, cfg.warmup_ratio, max_steps), max_steps, cfg.num_cycles,
+                    cfg.min_lr > 0 ? cfg.min_lr / cfg.learning_rate : cfg.min_lr_rate};
+  std::vector<torch::Tensor> params;
+  int64_t trainable_count = 0, total_count = 0;
+  for (auto& t : trainables) params.push_back(t.param), trainable_count += t.param.numel();
+  for (auto& p : model->parameters()) total_count += p.numel();
+  for (auto& m : lora) total_count += m.adapter->lora_A.numel() + m.adapter->lora_B.numel();
+  log << "training: " << dataset.size() << " samples, " << batches_per_epoch << " batches of "
+      << cfg.data.per_device_train_batch_size << " per epoch, " << max_steps << " optimizer steps (accumulation "
+      << accum << "); trainable parameters: " << trainable_count << " of " << total_count
+      << (lora.empty() ? "" : ", LoRA on " + std::to_string(lora.size()) + " Linear modules") << std::endl;
+
+  std::vector<StepMetrics> history;
+  double logged_loss = 0;  // sum of step losses since the last log line
+  int64_t step = 0;
+  for (int64_t epoch = 0; epoch < epochs && step < max_steps; ++epoch) {
+    data::DataLoader loader(dataset, sampler, {epoch, 0}, cfg.data.dataloader_num_workers);
+    int64_t batches_seen = 0;
+    for (int64_t window = 0; window < steps_per_epoch && step < max_steps; ++window) {
+      // One optimizer step: a window of micro-batches, their gradients summed.
+      std::vector<data::Batch> micro_batches;
+      const int64_t size = std::min(accum, batches_per_epoch - window * accum);
+      for (int64_t i = 0; i < size; ++i)
+        if (auto b = loader.next()) micro_batches.push_back(std::move(*b));
+      if (micro_batches.empty()) break;
+      int64_t window_tokens = 0;
+      for (auto& b : micro_batches) window_tokens += scored_tokens(b.labels);
+
+      double loss = 0;
+      for (auto& b : micro_batches) {
+        auto l = micro_batch_loss(model, b, std::max<int64_t>(window_tokens, 1));
+        if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
+        loss += l.item<double>();
+      }
+      batches_seen += static_cast<int64_t>(micro_batches.size());
+
+      const double grad_norm = clip_grad_norm(params, cfg.max_grad_norm > 0 ? cfg.max_grad_norm : INFINITY);
+      const double factor = schedule.factor(step);
+      optimizer.set_lr_factor(factor);
+      optimizer.step();
+      optimizer.zero_grad();
+      ++step;
+
+      StepMetrics m{step, loss, grad_norm, cfg.learning_rate * factor,
+                    epoch + static_cast<double>(batches_seen) / batches_per_epoch};
+      history.push_back(m);
+      logged_loss += loss;
+      if (cfg.logging_steps > 0 && step % cfg.logging_steps == 0) {
+        log << log_line(logged_loss / cfg.logging_steps, m.grad_norm, m.learning_rate, m.epoch) << std::endl;
+        logged_loss = 0;
+      }
+    }
+  }
+
+  if (!debug.metrics_out.empty()) write_metrics(debug.metrics_out, history, trainables);
+  if (!debug.save_trainables.empty()) {
+    io::NamedTensors out;
+    for (auto& t : trainables) out.push_back({t.name, t.param.detach()});
+    io::save_safetensors(debug.save_trainables, out);
+  }
+  return history;
+}
+
+}  // namespace llava::train
