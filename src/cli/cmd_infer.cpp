@@ -16,6 +16,7 @@
 #include "model/generate.h"
 #include "model/weights.h"
 #include "train/pretrained_parts.h"
+#include "train/trainer.h"
 
 namespace {
 
@@ -78,9 +79,8 @@ Prompt prompt_from_text(const cxxopts::ParseResult& args, const std::string& mod
                         const llava::model::LlavaConfig& config, const llava::data::Tokenizer& tokenizer) {
   Prompt prompt;
   const bool has_image = args.count("image") > 0;
-  llava::data::ImageTokens image_tokens{config.image_token_index, config.image_seq_length()};
   auto ids = llava::data::generation_prompt_ids(template_for(args, config), args["prompt"].as<std::string>(),
-                                                has_image, tokenizer, image_tokens);
+                                                has_image, tokenizer, llava::train::image_tokens_for(config));
   prompt.input_ids = torch::tensor(ids).unsqueeze(0);
   if (has_image) {
     auto image = llava::data::load_image(args["image"].as<std::string>());

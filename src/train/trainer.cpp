@@ -52,13 +52,6 @@ void check_supported(const TrainConfig& c) {
   if (!c.resume_from_checkpoint.empty()) unsupported("resume_from_checkpoint", "checkpoints are not implemented yet");
 }
 
-// How an image appears in input_ids for this model: llava-hf configs expand <image> to one
-// image_token_index per vision feature; original LLaVA keeps one -200 placeholder per image.
-data::ImageTokens image_tokens_for(const model::LlavaConfig& c) {
-  if (c.dialect == model::ConfigDialect::kOriginalLlava) return {};
-  return {c.image_token_index, c.image_seq_length()};
-}
-
 // PEFT target_modules from the config. LLaVA's default (find_all_linear_names) is every Linear of the
 // language model; lm_head lives outside model.language_model, so it is never a default target.
 LoraConfig lora_config_for(const TrainConfig& c) {
@@ -315,6 +308,10 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     io::save_safetensors(debug.save_trainables, out);
   }
   return history;
+}
+
+data::ImageTokens image_tokens_for(const model::LlavaConfig& c) {
+  return {c.image_token_index, c.image_seq_length()};
 }
 
 }  // namespace llava::train

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "data/conversation.h"
+#include "model/config.h"
 #include "train/config.h"
 
 namespace llava::train {
@@ -28,6 +30,10 @@ struct StepMetrics {
 
 // Runs the whole training described by `cfg`; log lines go to `log`. Returns every step's metrics.
 std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& debug, std::ostream& log);
+
+// How an image appears in the input_ids the model takes: one image-token slot per vision feature row
+// (image_token_index for llava-hf configs, LLaVA's -200 for original ones; the model fills the slots).
+data::ImageTokens image_tokens_for(const model::LlavaConfig& c);
 
 // Python-repr-like formatting of a double (shortest round-trip digits), for HF-identical log lines.
 std::string format_float(double x);

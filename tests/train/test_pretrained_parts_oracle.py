@@ -24,21 +24,28 @@ def hf_logits(model, batch):
                      pixel_values=batch["pixel_values"]).logits.float()
 
 
+def peft_with_random_adapters(config, targets, alpha, seed, out_dir):
+    """A PEFT model over tiny_llava.build(config, seed=1) whose LoRA weights are all random (PEFT starts B
+    at zero, which would hide the adapter), saved to out_dir with save_pretrained."""
+    peft = get_peft_model(tiny_llava.build(config, seed=1),
+                          LoraConfig(r=4, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft.eval()
+    peft.save_pretrained(str(out_dir))
+    return peft
+
+
 @pytest.mark.parametrize("layout", ["modern", "classic"])
 def test_peft_adapter_gives_peft_logits(tmp_path, layout):
     config = tiny_llava.make_config()
     base = tiny_llava.build(config, seed=1)
     model_dir = tiny_llava.save(base, str(tmp_path / "base"), layout=layout)
-    peft = get_peft_model(tiny_llava.build(config, seed=1),
-                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                     target_modules=["q_proj", "v_proj", "down_proj", "linear_1", "fc2"]))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # B starts at zero; give every adapter weight a value so it matters
-        for name, p in peft.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft.eval()
-    peft.save_pretrained(str(tmp_path / "adapter"))
+    peft = peft_with_random_adapters(config, ["q_proj", "v_proj", "down_proj", "linear_1", "fc2"], 8, 2,
+                                     tmp_path / "adapter")
     batch = tiny_llava.make_batch(config, [1, 2], [5, 7], seed=3)
     want = hf_logits(peft, batch)
     got = eval_logits(model_dir, batch, tmp_path, "--adapter", tmp_path / "adapter")
@@ -101,15 +108,7 @@ def test_merged_model_loads_in_transformers_with_peft_logits(tmp_path, layout):
     from transformers import LlavaForConditionalGeneration
     config = tiny_llava.make_config()
     base_dir = tiny_llava.save(tiny_llava.build(config, seed=1), str(tmp_path / "base"), layout=layout)
-    peft = get_peft_model(tiny_llava.build(config, seed=1),
-                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "o_proj", "up_proj"]))
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft.eval()
-    peft.save_pretrained(str(tmp_path / "adapter"))
+    peft = peft_with_random_adapters(config, ["q_proj", "o_proj", "up_proj"], 8, 6, tmp_path / "adapter")
     out = tmp_path / "merged"
     run([binary(), "merge", "--model", base_dir, "--adapter", tmp_path / "adapter", "--out", out,
          "--max-shard-size", "20KB"])
@@ -133,15 +132,7 @@ def test_our_adapter_files_load_in_peft_in_the_base_layout(tmp_path, layout):
     from safetensors import safe_open
     config = tiny_llava.make_config()
     base_dir = tiny_llava.save(tiny_llava.build(config, seed=1), str(tmp_path / "base"), layout=layout)
-    peft = get_peft_model(tiny_llava.build(config, seed=1),
-                          LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["k_proj", "gate_proj", "fc1"]))
-    g = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft.eval()
-    peft.save_pretrained(str(tmp_path / "adapter"))
+    peft = peft_with_random_adapters(config, ["k_proj", "gate_proj", "fc1"], 16, 8, tmp_path / "adapter")
     run([os.environ["LLAVA_TRAIN_TOOL"], "adapter-copy", base_dir, tmp_path / "adapter", tmp_path / "ours"])
     with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())

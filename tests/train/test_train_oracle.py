@@ -238,3 +238,23 @@ def test_bad_configs_exit_1_with_one_line(world, settings, extra, needles):
     proc = run([binary(), "train", cfg, *extra], check=False)
     print(f"\n  {proc.stderr.strip()}")
     assert_clear_error(proc, *needles)
+
+
+def test_original_llava_checkpoint_trains_like_the_hf_one(world):
+    """The same weights saved in the original LLaVA layout (image slots are LLaVA's -200) train identically."""
+    import shutil
+    original = world["root"] / "original"
+    tiny_llava.save(world["model"], str(original), layout="original")
+    for f in world["root"].joinpath("model").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "preprocessor")):
+            shutil.copy(f, original / f.name)
+    s = {"tune_mm_mlp_adapter": True, "learning_rate": 1e-2, "max_grad_norm": 1.0, "max_steps": 4}
+    _, _, got_hf, w_hf = ours(world, "stage1_hf_layout", s)
+    _, _, got_orig, w_orig = ours(world, "stage1_original_layout", {**s, "model_name_or_path": str(original)})
+    assert len(got_orig["steps"]) == 4
+    for a, b in zip(got_orig["steps"], got_hf["steps"]):
+        for k in ("loss", "grad_norm", "learning_rate"):
+            assert abs(a[k] - b[k]) <= 1e-6 * max(abs(b[k]), 1e-30), (k, a, b)
+    for n in w_hf:
+        assert torch.allclose(w_orig[n], w_hf[n], rtol=1e-6, atol=1e-7), n
+    print(f"\noriginal-LLaVA layout: losses {[round(x['loss'], 6) for x in got_orig['steps']]} equal the HF layout's")
