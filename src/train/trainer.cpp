@@ -17,6 +17,7 @@
 #include "model/weights.h"
 #include "train/adamw.h"
 #include "train/lora.h"
+#include "train/pretrained_parts.h"
 #include "train/schedule.h"
 
 namespace llava::train {
@@ -47,8 +48,6 @@ void check_supported(const TrainConfig& c) {
   if (c.gradient_checkpointing) unsupported("gradient_checkpointing", "not implemented yet; set it to false");
   if (c.zero_stage > 0 || !c.deepspeed.empty())
     unsupported(c.deepspeed.empty() ? "zero_stage" : "deepspeed", "`llava train` runs one process without ZeRO");
-  if (!c.pretrain_mm_mlp_adapter.empty())
-    unsupported("pretrain_mm_mlp_adapter", "loading a stage-1 projector file is not implemented yet");
   if (!c.resume_from_checkpoint.empty()) unsupported("resume_from_checkpoint", "checkpoints are not implemented yet");
 }
 
@@ -216,6 +215,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   auto loaded = model::load_model(cfg.model_name_or_path, torch::kFloat32, cfg.vision_tower);
   auto& model = loaded.model;
   model->train();
+  // Stage 2 starts from stage 1's projector (LLaVA's --pretrain_mm_mlp_adapter .../mm_projector.bin).
+  if (!cfg.pretrain_mm_mlp_adapter.empty()) load_projector_weights(model, cfg.pretrain_mm_mlp_adapter);
   std::vector<LoraModule> lora;
   if (cfg.lora_enable) {
     torch::manual_seed(cfg.data.seed);  // PEFT's init draws lora_A from the global generator

@@ -258,3 +258,29 @@ def test_original_llava_checkpoint_trains_like_the_hf_one(world):
     for n in w_hf:
         assert torch.allclose(w_orig[n], w_hf[n], rtol=1e-6, atol=1e-7), n
     print(f"\noriginal-LLaVA layout: losses {[round(x['loss'], 6) for x in got_orig['steps']]} equal the HF layout's")
+
+
+def test_pretrain_mm_mlp_adapter_starts_from_the_stage1_projector(world):
+    """Stage 2 with LLaVA's pretrain_mm_mlp_adapter trains exactly like a base whose projector is that file's."""
+    import shutil
+    model = copy.deepcopy(world["model"])
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    proj = model.model.multi_modal_projector
+    torch.save({"model.mm_projector.0.weight": proj.linear_1.weight.detach().clone(),
+                "model.mm_projector.0.bias": proj.linear_1.bias.detach().clone(),
+                "model.mm_projector.2.weight": proj.linear_2.weight.detach().clone(),
+                "model.mm_projector.2.bias": proj.linear_2.bias.detach().clone()}, world["root"] / "mm_projector.bin")
+    with_projector = world["root"] / "with_projector"
+    shutil.copytree(world["root"] / "model", with_projector)
+    tiny_llava.save(model, str(with_projector))
+    s = {"learning_rate": 1e-3, "max_steps": 3, "lora_enable": True, "lora_r": 4}
+    _, _, from_file, _ = ours(world, "stage2_from_file", {**s, "pretrain_mm_mlp_adapter": str(world["root"] / "mm_projector.bin")})
+    _, _, from_base, _ = ours(world, "stage2_from_base", {**s, "model_name_or_path": str(with_projector)})
+    _, _, plain, _ = ours(world, "stage2_plain", s)
+    for a, b in zip(from_file["steps"], from_base["steps"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]), (a, b)
+    assert abs(plain["steps"][0]["loss"] - from_file["steps"][0]["loss"]) > 1e-3  # the file really changed the start
+    print(f"\npretrain_mm_mlp_adapter: losses {[round(x['loss'], 6) for x in from_file['steps']]}")
