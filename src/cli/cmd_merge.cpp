@@ -48,17 +48,12 @@ int run_merge(int argc, char** argv) {
   auto lora = llava::train::load_lora_adapter(loaded.model, args["adapter"].as<std::string>());
   for (auto& module : lora) llava::train::merge(module);
 
-  // Written in the base's key layout; a CLIP tower that came from its own dir goes inside the checkpoint.
-  auto layout = loaded.layout;
-  layout.vision_tower_dir.clear();
-  llava::io::NamedTensors tensors;
-  for (auto& p : loaded.model->named_parameters())
-    tensors.emplace_back(llava::model::checkpoint_name(p.key(), layout), p.value().detach());
   fs::create_directories(out);
-  auto written = llava::io::save_sharded(out, tensors, llava::io::parse_size(args["max-shard-size"].as<std::string>()));
+  auto written = llava::train::save_full_model(out, loaded.model, loaded.layout,
+                                               llava::io::parse_size(args["max-shard-size"].as<std::string>()));
   for (const char* name : kCompanionFiles)
     if (fs::exists(fs::path(base) / name)) fs::copy_file(fs::path(base) / name, fs::path(out) / name);
-  std::cout << "merged " << lora.size() << " LoRA modules into " << tensors.size() << " tensors; wrote "
+  std::cout << "merged " << lora.size() << " LoRA modules; wrote "
             << written.size() << " weight file(s) to " << out << "\n";
   return 0;
 }

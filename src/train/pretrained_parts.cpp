@@ -134,4 +134,13 @@ void save_projector_weights(const std::string& path, model::LlavaForConditionalG
   io::save_pt(path, dict);
 }
 
+std::vector<std::string> save_full_model(const std::string& dir, model::LlavaForConditionalGeneration& model,
+                                         model::WeightLayout layout, uint64_t max_shard_bytes) {
+  layout.vision_tower_dir.clear();
+  io::NamedTensors tensors;
+  for (auto& p : model->named_parameters())
+    tensors.emplace_back(model::checkpoint_name(p.key(), layout), p.value().detach());
+  return io::save_sharded(dir, tensors, max_shard_bytes);
+}
+
 }  // namespace llava::train

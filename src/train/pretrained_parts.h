@@ -32,4 +32,9 @@ void load_projector_weights(model::LlavaForConditionalGeneration& model, const s
 void save_projector_weights(const std::string& path, model::LlavaForConditionalGeneration& model,
                             const model::WeightLayout& layout, bool peft_prefix);
 
+// Writes every parameter of `model` as `dir/model.safetensors` (or shards + index past max_shard_bytes)
+// in `layout`'s key names; a CLIP tower that came from its own dir is written inside. Returns the files.
+std::vector<std::string> save_full_model(const std::string& dir, model::LlavaForConditionalGeneration& model,
+                                         model::WeightLayout layout, uint64_t max_shard_bytes);
+
 }  // namespace llava::train

@@ -8,14 +8,17 @@
 
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/peft_adapter.h"
 #include "data/config.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"
+#include "io/torch_archive.h"
 #include "model/layers.h"
 #include "model/weights.h"
 #include "train/adamw.h"
+#include "train/hf_state.h"
 #include "train/lora.h"
 #include "train/pretrained_parts.h"
 #include "train/schedule.h"
@@ -149,6 +152,30 @@ void load_peft_adapters(const std::vector<LoraModule>& lora, const std::string& 
   }
 }
 
+// checkpoint-<step>/ in the HF Trainer layout: trained weights as PEFT (adapter + LLaVA's
+// non_lora_trainables.bin), LLaVA stage 1 (mm_projector.bin) or save_pretrained (full) write them, the base
+// config.json, optimizer.pt, scheduler.pt and trainer_state.json; committed atomically, then rotated.
+void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const std::vector<LoraModule>& lora,
+                     const AdamW& optimizer, const checkpoint::TrainerState& state) {
+  checkpoint::PendingCheckpoint pending(cfg.output_dir, state.global_step);
+  const std::string dir = pending.dir();
+  if (!lora.empty()) {
+    save_lora_adapter(dir, lora, lora_config_for(cfg), loaded.layout, cfg.model_name_or_path);
+    save_projector_weights(dir + "/non_lora_trainables.bin", loaded.model, loaded.layout, /*peft_prefix=*/true);
+  } else if (cfg.tune_mm_mlp_adapter) {
+    save_projector_weights(dir + "/mm_projector.bin", loaded.model, loaded.layout, /*peft_prefix=*/false);
+  } else {
+    save_full_model(dir, loaded.model, loaded.layout, io::parse_size(cfg.max_shard_size));
+  }
+  const fs::path base_config = fs::path(cfg.model_name_or_path) / "config.json";
+  if (fs::exists(base_config)) fs::copy_file(base_config, fs::path(dir) / "config.json");
+  io::save_pt(dir + "/optimizer.pt", adamw_state_dict(optimizer));
+  io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(optimizer, state.global_step));
+  checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
+  pending.commit();
+  checkpoint::rotate_checkpoints(cfg.output_dir, cfg.save_total_limit);
+}
+
 // Tokens the causal-LM loss scores in a batch: labels shifted by one (position 0 predicts nothing).
 int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
   return labels.slice(1, 1).ne(-100).sum().item<int64_t>();
@@ -262,6 +289,13 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
 
   std::vector<StepMetrics> history;
   double logged_loss = 0;  // sum of step losses since the last log line
+  checkpoint::TrainerState state;
+  state.max_steps = max_steps;
+  state.logging_steps = cfg.logging_steps;
+  state.save_steps = cfg.save_steps;
+  state.train_batch_size = cfg.data.per_device_train_batch_size;
+  state.num_train_epochs = epochs;
+  const bool save_every = cfg.save_strategy == "steps" && cfg.save_steps > 0;
   int64_t step = 0;
   for (int64_t epoch = 0; epoch < epochs && step < max_steps; ++epoch) {
     data::DataLoader loader(dataset, sampler, {epoch, 0}, cfg.data.dataloader_num_workers);
@@ -295,13 +329,21 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
                     epoch + static_cast<double>(batches_seen) / batches_per_epoch};
       history.push_back(m);
       logged_loss += loss;
+      state.global_step = step;
+      state.epoch = m.epoch;
       if (cfg.logging_steps > 0 && step % cfg.logging_steps == 0) {
         log << log_line(logged_loss / cfg.logging_steps, m.grad_norm, m.learning_rate, m.epoch) << std::endl;
+        state.log_history.push_back({{"loss", logged_loss / cfg.logging_steps}, {"grad_norm", m.grad_norm},
+                                     {"learning_rate", m.learning_rate}, {"epoch", m.epoch}, {"step", step}});
         logged_loss = 0;
       }
+      if (save_every && step % cfg.save_steps == 0) save_checkpoint(cfg, loaded, lora, optimizer, state);
     }
   }
 
+  // HF Trainer saves at the end too (unless the last step just did).
+  if (cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
+    save_checkpoint(cfg, loaded, lora, optimizer, state);
   if (!debug.metrics_out.empty()) write_metrics(debug.metrics_out, history, trainables);
   if (!debug.save_trainables.empty()) {
     io::NamedTensors out;

@@ -284,3 +284,61 @@ def test_pretrain_mm_mlp_adapter_starts_from_the_stage1_projector(world):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]), (a, b)
     assert abs(plain["steps"][0]["loss"] - from_file["steps"][0]["loss"]) > 1e-3  # the file really changed the start
     print(f"\npretrain_mm_mlp_adapter: losses {[round(x['loss'], 6) for x in from_file['steps']]}")
+
+
+def test_checkpoints_in_the_hf_trainer_layout(world):
+    """Every save_steps and at the end: checkpoint-N with what PEFT / LLaVA / transformers write; the oldest
+    beyond save_total_limit are removed; every file loads in the reference tools."""
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration, TrainerState
+    out = world["root"] / "ckpt_lora"
+    s = {"learning_rate": 1e-3, "max_steps": 5, "lora_enable": True, "lora_r": 4, "lora_alpha": 8,
+         "save_steps": 2, "save_total_limit": 2, "output_dir": str(out), "mm_projector_lr": 1e-4}
+    _, _, got, weights = ours(world, "lora_ckpt", s)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "checkpoint-5"]  # 2 rotated out, 5 = the end
+    ckpt = out / "checkpoint-5"
+    assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin", "config.json",
+            "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    steps_taken = [st["step"].item() for st in opt["state"].values()]
+    assert max(steps_taken) == 5 and min(steps_taken) >= 1  # a window with no image gives the projector no grad
+    assert sum(len(g["params"]) for g in opt["param_groups"]) == len(got["trainable"])
+    last_lr = got["steps"][-1]["learning_rate"]
+    assert sorted(g["lr"] / g["initial_lr"] for g in opt["param_groups"]) == pytest.approx([last_lr / 1e-3] * 3)
+    assert sorted({g["initial_lr"] for g in opt["param_groups"]}) == [1e-4, 1e-3]
+    sched = torch.load(ckpt / "scheduler.pt", weights_only=True)
+    assert sched["last_epoch"] == 5 and sched["_step_count"] == 6
+    state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    assert state.global_step == 5 and [e["step"] for e in state.log_history] == [1, 2, 3, 4, 5]
+    assert abs(state.log_history[-1]["loss"] - got["steps"][-1]["loss"]) < 1e-12
+    non_lora = torch.load(ckpt / "non_lora_trainables.bin", weights_only=True)
+    assert sorted(non_lora) == sorted("base_model.model." + n for n in got["trainable"] if "multi_modal_projector" in n)
+
+    # PEFT over the base, with the trained projector: the logits our eval-logits gives for the checkpoint.
+    base = copy.deepcopy(world["model"])
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            key = "model.multi_modal_projector." + n.split("multi_modal_projector.")[-1]
+            if "multi_modal_projector" in n:
+                p.copy_(weights[key])
+    peft = PeftModel.from_pretrained(base, str(ckpt)).eval()
+    batch = {k: v[:1] for k, v in our_batches(world, write_config(world, "lora_ckpt_data", s), 1)[0][0].items()}
+    with torch.no_grad():
+        want = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"][:1] if batch["pixel_values"].numel() else None).logits
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in batch.items() if k != "labels"}, str(world["root"] / "ckpt_batch.safetensors"))
+    run([binary(), "eval-logits", "--model", world["base"]["model_name_or_path"], "--adapter", ckpt,
+         "--projector", ckpt / "non_lora_trainables.bin", "--batch", world["root"] / "ckpt_batch.safetensors",
+         "--out", world["root"] / "ckpt_logits.safetensors"])
+    diff = (load_file(str(world["root"] / "ckpt_logits.safetensors"))["logits"] - want).abs().max().item()
+    print(f"\ncheckpoint-5 (LoRA): PeftModel.from_pretrained + its projector vs our eval-logits: {diff:.3g}")
+    assert diff <= 1e-4
+
+    # Full fine-tune: model.safetensors that transformers loads.
+    full_out = world["root"] / "ckpt_full"
+    _, _, _, full_weights = ours(world, "full_ckpt", {"learning_rate": 1e-3, "max_steps": 2, "output_dir": str(full_out)})
+    loaded = LlavaForConditionalGeneration.from_pretrained(str(full_out / "checkpoint-2"))
+    sd = dict(loaded.named_parameters())
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(sd[name], full_weights[name], atol=0, rtol=0)
