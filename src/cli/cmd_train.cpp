@@ -39,7 +39,9 @@ int run_train(int argc, char** argv) {
       "metrics-out", "debug/test: write per-step loss/grad_norm/learning_rate/epoch as JSON",
       cxxopts::value<std::string>()->default_value(""))(
       "save-trainables", "debug/test: write the trained tensors to this .safetensors (not a checkpoint)",
-      cxxopts::value<std::string>()->default_value(""))("h,help", "show help");
+      cxxopts::value<std::string>()->default_value(""))(
+      "stop-after-steps", "debug/test: stop after this optimizer step, as if killed (no final save)",
+      cxxopts::value<int64_t>()->default_value("0"))("h,help", "show help");
   options.parse_positional({"config"});
   options.positional_help("CONFIG.yaml [--set key=value ...]");
   auto args = options.parse(argc, argv);
@@ -49,7 +51,8 @@ int run_train(int argc, char** argv) {
   }
   const auto cfg = llava::train::load_train_config(args["config"].as<std::string>(), overrides);
   llava::train::TrainDebugOptions debug{args["init-lora-from"].as<std::string>(), args["metrics-out"].as<std::string>(),
-                                        args["save-trainables"].as<std::string>()};
+                                        args["save-trainables"].as<std::string>(),
+                                        args["stop-after-steps"].as<int64_t>()};
   llava::train::train(cfg, debug, std::cout);
   return 0;
 }

@@ -51,7 +51,6 @@ void check_supported(const TrainConfig& c) {
   if (c.gradient_checkpointing) unsupported("gradient_checkpointing", "not implemented yet; set it to false");
   if (c.zero_stage > 0 || !c.deepspeed.empty())
     unsupported(c.deepspeed.empty() ? "zero_stage" : "deepspeed", "`llava train` runs one process without ZeRO");
-  if (!c.resume_from_checkpoint.empty()) unsupported("resume_from_checkpoint", "checkpoints are not implemented yet");
 }
 
 // PEFT target_modules from the config. LLaVA's default (find_all_linear_names) is every Linear of the
@@ -176,6 +175,33 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
   checkpoint::rotate_checkpoints(cfg.output_dir, cfg.save_total_limit);
 }
 
+// resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
+// or a checkpoint dir. Returns "" for a fresh start.
+std::string checkpoint_to_resume(const TrainConfig& cfg) {
+  if (cfg.resume_from_checkpoint.empty()) return "";
+  if (cfg.resume_from_checkpoint == "auto") return checkpoint::latest_checkpoint(cfg.output_dir).value_or("");
+  if (!fs::exists(fs::path(cfg.resume_from_checkpoint) / "trainer_state.json"))
+    fail(cfg.resume_from_checkpoint, "not a checkpoint (no trainer_state.json); nothing was changed");
+  return cfg.resume_from_checkpoint;
+}
+
+// Puts the trained weights and the optimizer state of `dir` back; returns its trainer state.
+checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainConfig& cfg, model::LoadedModel& loaded,
+                                            const std::vector<LoraModule>& lora, AdamW& optimizer) {
+  auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
+  if (!lora.empty()) {
+    load_peft_adapters(lora, dir, loaded.layout);
+    load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
+  } else if (cfg.tune_mm_mlp_adapter) {
+    load_projector_weights(loaded.model, (fs::path(dir) / "mm_projector.bin").string());
+  } else {
+    model::load_weights(loaded.model, dir);
+  }
+  const std::string optimizer_file = (fs::path(dir) / "optimizer.pt").string();
+  load_adamw_state_dict(optimizer, io::load_pt(optimizer_file), optimizer_file);
+  return state;
+}
+
 // Tokens the causal-LM loss scores in a batch: labels shifted by one (position 0 predicts nothing).
 int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
   return labels.slice(1, 1).ne(-100).sum().item<int64_t>();
@@ -297,10 +323,21 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   state.num_train_epochs = epochs;
   const bool save_every = cfg.save_strategy == "steps" && cfg.save_steps > 0;
   int64_t step = 0;
-  for (int64_t epoch = 0; epoch < epochs && step < max_steps; ++epoch) {
-    data::DataLoader loader(dataset, sampler, {epoch, 0}, cfg.data.dataloader_num_workers);
-    int64_t batches_seen = 0;
-    for (int64_t window = 0; window < steps_per_epoch && step < max_steps; ++window) {
+  if (const std::string resume = checkpoint_to_resume(cfg); !resume.empty()) {
+    const auto restored = restore_checkpoint(resume, cfg, loaded, lora, optimizer);
+    step = restored.global_step;
+    state.log_history = restored.log_history;
+    log << "resuming from " << resume << " at step " << step << std::endl;
+  }
+  const int64_t first_epoch = step / steps_per_epoch, first_window = step % steps_per_epoch;
+  bool stopped = false;  // --stop-after-steps: as if killed right after that step
+  for (int64_t epoch = first_epoch; epoch < epochs && step < max_steps && !stopped; ++epoch) {
+    // A resumed run starts at the next window of its epoch: no batch is replayed.
+    const int64_t skip_windows = epoch == first_epoch ? first_window : 0;
+    const int64_t start = skip_windows * accum * sampler.global_batch();
+    data::DataLoader loader(dataset, sampler, {epoch, start}, cfg.data.dataloader_num_workers);
+    int64_t batches_seen = skip_windows * accum;
+    for (int64_t window = skip_windows; window < steps_per_epoch && step < max_steps && !stopped; ++window) {
       // One optimizer step: a window of micro-batches, their gradients summed.
       std::vector<data::Batch> micro_batches;
       const int64_t size = std::min(accum, batches_per_epoch - window * accum);
@@ -338,11 +375,12 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         logged_loss = 0;
       }
       if (save_every && step % cfg.save_steps == 0) save_checkpoint(cfg, loaded, lora, optimizer, state);
+      if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
     }
   }
 
   // HF Trainer saves at the end too (unless the last step just did).
-  if (cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
+  if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
     save_checkpoint(cfg, loaded, lora, optimizer, state);
   if (!debug.metrics_out.empty()) write_metrics(debug.metrics_out, history, trainables);
   if (!debug.save_trainables.empty()) {
