@@ -2,25 +2,12 @@
 generation against transformers (fast Llama tokenizer + CLIPImageProcessor + LlavaForConditionalGeneration)."""
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor
 
 import tiny_llava
-from data_fixtures import make_hf_tokenizer_dir, train_spm, write_png
+from data_fixtures import write_png
 from llava_oracle import binary, run
 
 QUESTION = "What is shown in the image?"
-
-
-def make_model_dir(tmp_path):
-    model_dir = tmp_path / "model"
-    tok = make_hf_tokenizer_dir(str(model_dir), train_spm(str(tmp_path / "spm")), legacy=True, llava_hf=True)
-    config = tiny_llava.make_config(vocab=len(tok), image_size=16, patch_size=4)
-    config.image_token_index = tok.convert_tokens_to_ids("<image>")
-    model = tiny_llava.build(config, seed=3)
-    tiny_llava.save(model, str(model_dir))
-    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    processor.save_pretrained(str(model_dir))
-    return model_dir, tok, model, processor
 
 
 def hf_ids(tok, text):
@@ -31,7 +18,7 @@ def hf_ids(tok, text):
 
 
 def test_prompt_and_image_generate_what_transformers_generates(tmp_path):
-    model_dir, tok, model, processor = make_model_dir(tmp_path)
+    model_dir, tok, model, processor = tiny_llava.make_chat_model_dir(tmp_path)
     image_path = tmp_path / "img.png"
     write_png(str(image_path), 16, 16, seed=5)
 
@@ -59,7 +46,7 @@ def test_prompt_and_image_generate_what_transformers_generates(tmp_path):
 
 
 def test_prompt_without_image_and_bad_arguments(tmp_path):
-    model_dir, tok, model, _ = make_model_dir(tmp_path)
+    model_dir, tok, model, _ = tiny_llava.make_chat_model_dir(tmp_path)
     ids = hf_ids(tok, f"USER: {QUESTION} ASSISTANT:")
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),

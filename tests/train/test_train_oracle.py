@@ -16,10 +16,10 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import CLIPImageProcessor, Trainer, get_scheduler
+from transformers import Trainer, get_scheduler
 
 import tiny_llava
-from data_fixtures import make_hf_tokenizer_dir, train_spm, write_png
+from data_fixtures import write_png
 from llava_oracle import assert_clear_error, binary, run
 
 STEPS = 10
@@ -32,13 +32,7 @@ ANSWERS = ["A cat sitting on a red sofa.", "The bus is yellow.", "There are 12 a
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    model_dir = root / "model"
-    tok = make_hf_tokenizer_dir(str(model_dir), train_spm(str(root / "spm")), legacy=True, llava_hf=True)
-    config = tiny_llava.make_config(vocab=len(tok), image_size=16, patch_size=4)
-    config.image_token_index = tok.convert_tokens_to_ids("<image>")
-    model = tiny_llava.build(config, seed=3)
-    tiny_llava.save(model, str(model_dir))
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(str(model_dir))
+    model_dir, _, model, _ = tiny_llava.make_chat_model_dir(root)
 
     images = root / "images"
     images.mkdir()
