@@ -20,21 +20,21 @@ std::vector<Bucket> plan_buckets(const std::vector<int64_t>& numels, const std::
   return buckets;
 }
 
-void average_gradients(Communicator& comm, std::vector<torch::Tensor>& grads, int64_t cap_numel) {
+void allreduce_gradients(Communicator& comm, std::vector<torch::Tensor>& grads, Reduce op, int64_t cap_numel) {
   std::vector<int64_t> numels;
   std::vector<torch::Dtype> dtypes;
   for (size_t i = 0; i < grads.size(); ++i) {
-    if (!grads[i].defined()) fail("average_gradients", "gradient #" + std::to_string(i) + " is undefined");
+    if (!grads[i].defined()) fail("allreduce_gradients", "gradient #" + std::to_string(i) + " is undefined");
     numels.push_back(grads[i].numel());
     dtypes.push_back(grads[i].scalar_type());
   }
-  if (comm.world_size() == 1) return;  // the mean over one rank
+  if (comm.world_size() == 1) return;  // the mean (or sum) over one rank
 
   for (const auto& bucket : plan_buckets(numels, dtypes, cap_numel)) {
     std::vector<torch::Tensor> pieces;
     for (size_t i : bucket.indices) pieces.push_back(grads[i].reshape({-1}));
     auto flat = torch::cat(pieces);  // [bucket.numel]
-    comm.allreduce(flat, Reduce::Avg);
+    comm.allreduce(flat, op);
     int64_t offset = 0;
     for (size_t i : bucket.indices) {
       grads[i].copy_(flat.narrow(0, offset, numels[i]).view(grads[i].sizes()));

@@ -20,8 +20,9 @@ struct Bucket {
 std::vector<Bucket> plan_buckets(const std::vector<int64_t>& numels, const std::vector<torch::Dtype>& dtypes,
                                  int64_t cap_numel);
 
-// Averages every gradient over the ranks, bucket by bucket, in place. Every rank ends with
-// bitwise-identical gradients. Gradients must be defined (llava::Error names the index otherwise).
-void average_gradients(Communicator& comm, std::vector<torch::Tensor>& grads, int64_t cap_numel = 25 << 20);
+// All-reduces (sums or averages) every gradient over the ranks, bucket by bucket, in place. Every rank
+// ends with bitwise-identical gradients. Gradients must be defined (llava::Error names the index otherwise).
+void allreduce_gradients(Communicator& comm, std::vector<torch::Tensor>& grads, Reduce op,
+                         int64_t cap_numel = 25 << 20);
 
 }  // namespace llava::dist

@@ -39,4 +39,18 @@ inline torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, c
 #endif
 }
 
+// A c10::Allocator written once for both versions: allocate() is const in 1.13 and not in 2.x, where
+// copy_data() must be defined as well. Subclasses implement allocate_bytes().
+struct AllocatorBase : c10::Allocator {
+  virtual c10::DataPtr allocate_bytes(size_t n) = 0;
+#if LLAVA_TORCH_AT_LEAST(2, 3)
+  c10::DataPtr allocate(size_t n) override { return allocate_bytes(n); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+#else
+  c10::DataPtr allocate(size_t n) const override { return const_cast<AllocatorBase*>(this)->allocate_bytes(n); }
+#endif
+};
+
 }  // namespace llava::compat

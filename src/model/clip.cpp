@@ -5,6 +5,7 @@
 
 #include "io/error.h"
 #include "io/torch_compat.h"
+#include "model/checkpointing.h"
 
 namespace llava::model {
 
@@ -84,7 +85,16 @@ std::vector<torch::Tensor> ClipVisionTransformerImpl::hidden_states(const torch:
 
   std::vector<torch::Tensor> states;  // states[i] == HF hidden_states[i], up to `last`
   states.push_back(pre_layrnorm(embeddings(pixel_values)));
-  for (int64_t i = 0; i < last; ++i) states.push_back(layers[i]->as<ClipEncoderLayer>()->forward(states.back()));
+  const bool recompute = checkpointing_active(*this, gradient_checkpointing);
+  for (int64_t i = 0; i < last; ++i) {
+    auto layer = layers->ptr<ClipEncoderLayerImpl>(i);
+    if (!recompute) {
+      states.push_back(layer->forward(states.back()));
+      continue;
+    }
+    auto run_layer = [layer](const torch::Tensor& x) { return layer->forward(x); };
+    states.push_back(checkpoint(run_layer, states.back(), has_trainable_state(*layer)));
+  }
 
   std::vector<torch::Tensor> out;
   for (int64_t i : index) out.push_back(states[i]);

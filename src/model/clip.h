@@ -65,6 +65,9 @@ class ClipVisionTransformerImpl : public torch::nn::Module {
   torch::nn::ModuleList layers;     // registered as encoder.layers
   LayerNorm post_layernorm{nullptr};  // only for the pooled CLS output: unused by LLaVA, kept for the names
   VisionConfig config;
+  // Recompute each encoder layer in the backward pass (model/checkpointing.h); only in training mode with
+  // grad enabled, like HF.
+  bool gradient_checkpointing = false;
 };
 TORCH_MODULE(ClipVisionTransformer);
 

@@ -6,6 +6,7 @@
 
 #include "io/error.h"
 #include "io/torch_compat.h"
+#include "model/checkpointing.h"
 
 namespace llava::model {
 
@@ -147,9 +148,20 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const 
                              .expand({b, t});
   auto [cos, sin] = rope.tables(positions, inputs_embeds.scalar_type());
   auto mask = causal_mask(attention_mask, b, t, past, inputs_embeds.scalar_type(), inputs_embeds.device());
-  auto h = inputs_embeds;
-  for (size_t i = 0; i < layers->size(); ++i)
-    h = layers[i]->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, mask, cache, i);
+  const bool recompute = checkpointing_active(*this, gradient_checkpointing) && cache == nullptr;
+  auto h = inputs_embeds;  // [B,T,H]
+  for (size_t i = 0; i < layers->size(); ++i) {
+    auto layer = layers->ptr<LlamaDecoderLayerImpl>(i);
+    if (!recompute) {
+      h = layer->forward(h, cos, sin, mask, cache, i);
+      continue;
+    }
+    // Captured by value: the backward pass replays this after forward() has returned.
+    auto run_layer = [layer, cos = cos, sin = sin, mask, i](const torch::Tensor& x) {
+      return layer->forward(x, cos, sin, mask, nullptr, i);
+    };
+    h = checkpoint(run_layer, h, has_trainable_state(*layer));
+  }
   return norm(h);
 }
 

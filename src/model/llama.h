@@ -80,6 +80,9 @@ class LlamaModelImpl : public torch::nn::Module {
   RMSNorm norm{nullptr};
   Rope rope;
   TextConfig config;
+  // Recompute each decoder layer in the backward pass (model/checkpointing.h); only in training mode with
+  // grad enabled and without a KV cache, like HF.
+  bool gradient_checkpointing = false;
 };
 TORCH_MODULE(LlamaModel);
 

@@ -59,6 +59,11 @@ LlavaForConditionalGenerationImpl::LlavaForConditionalGenerationImpl(const Llava
     lm_head = register_module("lm_head", Linear(c.text.hidden_size, c.text.vocab_size, false, options));
 }
 
+void LlavaForConditionalGenerationImpl::set_gradient_checkpointing(bool enabled) {
+  model->vision_tower->vision_model->gradient_checkpointing = enabled;
+  model->language_model->gradient_checkpointing = enabled;
+}
+
 torch::Tensor LlavaForConditionalGenerationImpl::lm_head_weight() const {
   return lm_head ? lm_head->weight : model->language_model->embed_tokens->weight;
 }

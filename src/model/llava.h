@@ -57,6 +57,11 @@ class LlavaForConditionalGenerationImpl : public torch::nn::Module {
 
   torch::Tensor lm_head_weight() const;  // [V,H]: lm_head.weight, or embed_tokens.weight when tied
 
+  // HF's gradient_checkpointing_enable / _disable: every CLIP encoder layer and Llama decoder layer is
+  // recomputed in the backward pass instead of keeping its activations (model/checkpointing.h). Takes
+  // effect only in training mode with grad enabled; losses and gradients are unchanged.
+  void set_gradient_checkpointing(bool enabled);
+
   LlavaModel model{nullptr};
   Linear lm_head{nullptr};  // null when tie_word_embeddings
   LlavaConfig config;

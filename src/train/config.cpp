@@ -103,6 +103,7 @@ const std::map<std::string, Setter>& train_fields() {
       {"gradient_checkpointing", set(&TrainConfig::gradient_checkpointing)},
       {"resume_from_checkpoint", set(&TrainConfig::resume_from_checkpoint)},
       {"save_on_interrupt", set(&TrainConfig::save_on_interrupt)},
+      {"skip_nonfinite_steps", set(&TrainConfig::skip_nonfinite_steps)},
       {"lora_enable", set(&TrainConfig::lora_enable)},
       {"lora_r", set(&TrainConfig::lora_r)},
       {"lora_alpha", set(&TrainConfig::lora_alpha)},

@@ -49,7 +49,8 @@ struct TrainConfig {
   bool bf16 = false;
   bool gradient_checkpointing = false;
   std::string resume_from_checkpoint;  // "", "auto", or a checkpoint dir
-  bool save_on_interrupt = false;
+  bool save_on_interrupt = false;      // SIGTERM/SIGINT: finish the step, save a checkpoint, exit
+  bool skip_nonfinite_steps = false;   // NaN/Inf loss or grad_norm: skip the update (else stop the run)
 
   // LoRA (LLaVA's names, plus PEFT's)
   bool lora_enable = false;

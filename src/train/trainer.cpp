@@ -2,7 +2,10 @@
 
 #include <charconv>
 #include <cmath>
+#include <chrono>
+#include <csignal>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <ostream>
 
@@ -11,6 +14,7 @@
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/peft_adapter.h"
 #include "data/config.h"
+#include "dist/communicator.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"
@@ -21,7 +25,10 @@
 #include "train/hf_state.h"
 #include "train/lora.h"
 #include "train/pretrained_parts.h"
+#include "train/progress.h"
+#include "train/resume_state.h"
 #include "train/schedule.h"
+#include "train/sharded_adamw.h"
 
 namespace llava::train {
 
@@ -41,17 +48,6 @@ struct Trainable {
 bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
 bool is_projector(const std::string& name) { return starts_with(name, "model.multi_modal_projector."); }
 bool is_vision(const std::string& name) { return starts_with(name, "model.vision_tower."); }
-
-// Features still to come fail loudly rather than train something other than what the config says.
-void check_supported(const TrainConfig& c) {
-  auto unsupported = [](const std::string& key, const std::string& why) {
-    throw Error("config key '" + key + "': " + why);
-  };
-  if (c.bf16) unsupported("bf16", "bf16 mixed precision is not implemented yet; set bf16: false (fp32)");
-  if (c.gradient_checkpointing) unsupported("gradient_checkpointing", "not implemented yet; set it to false");
-  if (c.zero_stage > 0 || !c.deepspeed.empty())
-    unsupported(c.deepspeed.empty() ? "zero_stage" : "deepspeed", "`llava train` runs one process without ZeRO");
-}
 
 // PEFT target_modules from the config. LLaVA's default (find_all_linear_names) is every Linear of the
 // language model; lm_head lives outside model.language_model, so it is never a default target.
@@ -151,28 +147,92 @@ void load_peft_adapters(const std::vector<LoraModule>& lora, const std::string& 
   }
 }
 
+// save_on_interrupt: SIGTERM/SIGINT only raise a flag; the loop saves at the end of the current step.
+volatile std::sig_atomic_t g_interrupt_signal = 0;
+extern "C" void note_interrupt(int signal_number) { g_interrupt_signal = signal_number; }
+
+// True on every rank once any rank got the signal (one tiny all-reduce per step).
+bool interrupt_requested(dist::Communicator& comm) {
+  auto flag = torch::full({1}, g_interrupt_signal != 0 ? 1.0f : 0.0f);
+  if (comm.world_size() > 1) comm.allreduce(flag, dist::Reduce::Sum);
+  return flag.item<float>() > 0;
+}
+
+// What the run is, for the resume check (see resume_state.h).
+RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>& trainables, int world_size,
+                           int64_t samples_per_step) {
+  RunSignature s;
+  for (auto& t : trainables) s.trainables.push_back({t.name, t.param.sizes().vec()});
+  if (cfg.lora_enable)
+    s.lora = {{"r", cfg.lora_r}, {"lora_alpha", cfg.lora_alpha}, {"use_rslora", cfg.use_rslora},
+              {"target_modules", cfg.lora_target_modules}, {"target_regex", cfg.lora_target_regex}};
+  s.dtype = cfg.bf16 ? "bfloat16" : "float32";
+  s.samples_per_step = samples_per_step;
+  s.world_size = world_size;
+  s.zero_stage = cfg.zero_stage;
+  return s;
+}
+
+// Every rank's CPU generator state, on every rank (the states are the same size on every rank).
+std::vector<torch::Tensor> gather_rng_states(dist::Communicator& comm) {
+  auto state = cpu_rng_state();
+  if (comm.world_size() == 1) return {state};
+  auto all = comm.all_gather(state);  // [world * n] uint8
+  std::vector<torch::Tensor> out;
+  for (int r = 0; r < comm.world_size(); ++r) out.push_back(all.narrow(0, r * state.numel(), state.numel()).clone());
+  return out;
+}
+
+// Runs `write` on rank 0 and tells every rank whether it worked, so a failed save ends every rank with
+// the same clear error instead of leaving the others waiting in the next collective.
+void on_rank0_for_all(dist::Communicator& comm, const std::string& what, const std::function<void()>& write) {
+  std::string error;
+  if (comm.rank() == 0) {
+    try {
+      write();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  auto failed = torch::full({1}, error.empty() ? 0.0f : 1.0f);
+  if (comm.world_size() > 1) comm.allreduce(failed, dist::Reduce::Sum);
+  if (!error.empty()) throw Error(error);
+  if (failed.item<float>() > 0) throw Error(what + " failed on rank 0 (see its error)");
+}
+
 // checkpoint-<step>/ in the HF Trainer layout: trained weights as PEFT (adapter + LLaVA's
 // non_lora_trainables.bin), LLaVA stage 1 (mm_projector.bin) or save_pretrained (full) write them, the base
-// config.json, optimizer.pt, scheduler.pt and trainer_state.json; committed atomically, then rotated.
+// config.json, optimizer.pt, scheduler.pt and trainer_state.json, plus our exact-resume files; committed
+// atomically, then rotated. Collective: the optimizer state is gathered from every rank; rank 0 writes.
 void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const std::vector<LoraModule>& lora,
-                     const AdamW& optimizer, const checkpoint::TrainerState& state) {
-  checkpoint::PendingCheckpoint pending(cfg.output_dir, state.global_step);
-  const std::string dir = pending.dir();
-  if (!lora.empty()) {
-    save_lora_adapter(dir, lora, lora_config_for(cfg), loaded.layout, cfg.model_name_or_path);
-    save_projector_weights(dir + "/non_lora_trainables.bin", loaded.model, loaded.layout, /*peft_prefix=*/true);
-  } else if (cfg.tune_mm_mlp_adapter) {
-    save_projector_weights(dir + "/mm_projector.bin", loaded.model, loaded.layout, /*peft_prefix=*/false);
-  } else {
-    save_full_model(dir, loaded.model, loaded.layout, io::parse_size(cfg.max_shard_size));
-  }
-  const fs::path base_config = fs::path(cfg.model_name_or_path) / "config.json";
-  if (fs::exists(base_config)) fs::copy_file(base_config, fs::path(dir) / "config.json");
-  io::save_pt(dir + "/optimizer.pt", adamw_state_dict(optimizer));
-  io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(optimizer, state.global_step));
-  checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
-  pending.commit();
-  checkpoint::rotate_checkpoints(cfg.output_dir, cfg.save_total_limit);
+                     ShardedAdamW& optimizer, const checkpoint::TrainerState& state, RunSignature signature,
+                     dist::Communicator& comm) {
+  const AdamW whole = optimizer.consolidated();
+  const auto masters = optimizer.master_weights();
+  const auto rng_states = gather_rng_states(comm);
+  on_rank0_for_all(comm, "saving checkpoint-" + std::to_string(state.global_step), [&] {
+    checkpoint::PendingCheckpoint pending(cfg.output_dir, state.global_step);
+    const std::string dir = pending.dir();
+    if (!lora.empty()) {
+      save_lora_adapter(dir, lora, lora_config_for(cfg), loaded.layout, cfg.model_name_or_path);
+      save_projector_weights(dir + "/non_lora_trainables.bin", loaded.model, loaded.layout, /*peft_prefix=*/true);
+    } else if (cfg.tune_mm_mlp_adapter) {
+      save_projector_weights(dir + "/mm_projector.bin", loaded.model, loaded.layout, /*peft_prefix=*/false);
+    } else {
+      save_full_model(dir, loaded.model, loaded.layout, io::parse_size(cfg.max_shard_size));
+    }
+    const fs::path base_config = fs::path(cfg.model_name_or_path) / "config.json";
+    if (fs::exists(base_config) && !fs::exists(fs::path(dir) / "config.json"))
+      fs::copy_file(base_config, fs::path(dir) / "config.json");
+    io::save_pt(dir + "/optimizer.pt", adamw_state_dict(whole));
+    io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(whole, state.global_step));
+    checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
+    write_run_signature(dir, signature);
+    write_rng_states(dir, rng_states);
+    write_master_weights(dir, masters);
+    pending.commit();
+    checkpoint::rotate_checkpoints(cfg.output_dir, cfg.save_total_limit);
+  });
 }
 
 // resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
@@ -185,9 +245,15 @@ std::string checkpoint_to_resume(const TrainConfig& cfg) {
   return cfg.resume_from_checkpoint;
 }
 
-// Puts the trained weights and the optimizer state of `dir` back; returns its trainer state.
+// Puts the trained weights, the optimizer state and this rank's RNG state of `dir` back; returns its
+// trainer state. Works for a checkpoint of any world size and ZeRO stage (optimizer.pt is consolidated)
+// and for one written by Python HF Trainer + PEFT (no llava_* files: nothing more is checked or restored).
 checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainConfig& cfg, model::LoadedModel& loaded,
-                                            const std::vector<LoraModule>& lora, AdamW& optimizer) {
+                                            const std::vector<LoraModule>& lora, ShardedAdamW& optimizer,
+                                            const RunSignature& now, int rank, std::ostream& log) {
+  check_same_model(dir, cfg.model_name_or_path);
+  if (auto saved = read_run_signature(dir))
+    for (auto& change : check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
   auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
   if (!lora.empty()) {
     load_peft_adapters(lora, dir, loaded.layout);
@@ -198,7 +264,11 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
     model::load_weights(loaded.model, dir);
   }
   const std::string optimizer_file = (fs::path(dir) / "optimizer.pt").string();
-  load_adamw_state_dict(optimizer, io::load_pt(optimizer_file), optimizer_file);
+  AdamW whole(optimizer.groups(), AdamWOptions{});
+  load_adamw_state_dict(whole, io::load_pt(optimizer_file), optimizer_file);
+  optimizer.load_consolidated(whole);
+  optimizer.load_master_weights(read_master_weights(dir));
+  if (auto rng = read_rng_state(dir, rank)) set_cpu_rng_state(*rng);
   return state;
 }
 
@@ -226,15 +296,29 @@ std::string log_line(double loss, double grad_norm, double lr, double epoch) {
          ", 'learning_rate': " + format_float(lr) + ", 'epoch': " + format_float(epoch) + "}";
 }
 
+// Optimizer-state bytes of every rank (collective).
+std::vector<int64_t> gather_state_bytes(const ShardedAdamW& optimizer, dist::Communicator& comm) {
+  auto mine = torch::full({1}, static_cast<double>(optimizer.state_bytes()), torch::kFloat64);
+  auto all = comm.world_size() > 1 ? comm.all_gather(mine) : mine;
+  std::vector<int64_t> out;
+  for (int64_t r = 0; r < all.numel(); ++r) out.push_back(static_cast<int64_t>(all[r].item<double>()));
+  return out;
+}
+
 void write_metrics(const std::string& path, const std::vector<StepMetrics>& history,
-                   const std::vector<Trainable>& trainables) {
+                   const std::vector<Trainable>& trainables, const ShardedAdamW& optimizer,
+                   const std::vector<int64_t>& state_bytes_by_rank) {
   nlohmann::json steps = nlohmann::json::array();
   for (auto& m : history)
     steps.push_back({{"step", m.step}, {"loss", m.loss}, {"grad_norm", m.grad_norm},
                      {"learning_rate", m.learning_rate}, {"epoch", m.epoch}});
   nlohmann::json names = nlohmann::json::array();
   for (auto& t : trainables) names.push_back(t.name);
-  io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}}.dump(1) + "\n");
+  const auto& layout = optimizer.layout();
+  nlohmann::json zero = {{"stage", optimizer.zero_stage()}, {"world_size", state_bytes_by_rank.size()},
+                         {"optimizer_state_bytes", state_bytes_by_rank}, {"padding_numel", layout.padding()},
+                         {"trainable_numel", layout.total_numel}, {"shard_numel", layout.shard_numel}};
+  io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}, {"zero", zero}}.dump(1) + "\n");
 }
 
 }  // namespace
@@ -261,13 +345,21 @@ std::string format_float(double x) {
   return sign + digits.substr(0, exp + 1) + "." + digits.substr(exp + 1);
 }
 
-std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& debug, std::ostream& log) {
-  check_supported(cfg);
+std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& debug, std::ostream& main_log) {
+  // One process, or one rank of a torchrun / llava-run launch: the same recipe, data cut by rank.
+  dist::CommOptions comm_options;
+  comm_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.ddp_timeout * 1000));
+  auto comm = dist::Communicator::from_env(comm_options);
+  const bool is_main = comm.rank() == 0;
+  std::ostream null_log(nullptr);  // other ranks log nothing
+  std::ostream& log = is_main ? main_log : null_log;
 
-  // Model, then what trains.
-  auto loaded = model::load_model(cfg.model_name_or_path, torch::kFloat32, cfg.vision_tower);
+  // Model, then what trains. bf16: the model computes in bf16; the optimizer keeps fp32 masters.
+  auto loaded = model::load_model(cfg.model_name_or_path, cfg.bf16 ? torch::kBFloat16 : torch::kFloat32,
+                                  cfg.vision_tower);
   auto& model = loaded.model;
   model->train();
+  model->set_gradient_checkpointing(cfg.gradient_checkpointing);
   // Stage 2 starts from stage 1's projector (LLaVA's --pretrain_mm_mlp_adapter .../mm_projector.bin).
   if (!cfg.pretrain_mm_mlp_adapter.empty()) load_projector_weights(model, cfg.pretrain_mm_mlp_adapter);
   std::vector<LoraModule> lora;
@@ -286,9 +378,10 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   const auto trainables = choose_trainables(model, cfg, lora);
   if (trainables.empty()) throw Error("config: nothing to train (every parameter is frozen)");
 
-  // Data: batches exactly as `llava preprocess` writes them.
+  // Data: batches exactly as `llava preprocess` writes them; every rank takes its part of each global batch.
   const auto dataset = data::make_dataset(cfg.data, image_tokens_for(loaded.config));
-  data::DistributedSampler sampler(data::sampler_config_for(cfg.data), dataset.modality_lengths(), 0, 1);
+  data::DistributedSampler sampler(data::sampler_config_for(cfg.data), dataset.modality_lengths(), comm.rank(),
+                                   comm.world_size());
   const int64_t batches_per_epoch = sampler.epoch_length() / sampler.global_batch();
   if (batches_per_epoch == 0) throw Error("data set has fewer samples than one batch (dataloader_drop_last)");
 
@@ -299,18 +392,19 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
                                               : static_cast<int64_t>(std::ceil(cfg.num_train_epochs * steps_per_epoch));
   const int64_t epochs = (max_steps + steps_per_epoch - 1) / steps_per_epoch;
 
-  AdamW optimizer(param_groups(trainables, cfg), {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon});
+  ShardedAdamW optimizer(param_groups(trainables, cfg), {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon}, comm,
+                         static_cast<int>(cfg.zero_stage));
   Schedule schedule{schedule_from_name(cfg.lr_scheduler_type),
                     warmup_steps_for(cfg.warmup_steps, cfg.warmup_ratio, max_steps), max_steps, cfg.num_cycles,
                     cfg.min_lr > 0 ? cfg.min_lr / cfg.learning_rate : cfg.min_lr_rate};
-  std::vector<torch::Tensor> params;
   int64_t trainable_count = 0, total_count = 0;
-  for (auto& t : trainables) params.push_back(t.param), trainable_count += t.param.numel();
+  for (auto& t : trainables) trainable_count += t.param.numel();
   for (auto& p : model->parameters()) total_count += p.numel();
   for (auto& m : lora) total_count += m.adapter->lora_A.numel() + m.adapter->lora_B.numel();
   log << "training: " << dataset.size() << " samples, " << batches_per_epoch << " batches of "
-      << cfg.data.per_device_train_batch_size << " per epoch, " << max_steps << " optimizer steps (accumulation "
-      << accum << "); trainable parameters: " << trainable_count << " of " << total_count
+      << cfg.data.per_device_train_batch_size << " x " << comm.world_size() << " ranks per epoch, " << max_steps
+      << " optimizer steps (accumulation " << accum << ", ZeRO " << cfg.zero_stage << ", "
+      << (cfg.bf16 ? "bf16" : "fp32") << "); trainable parameters: " << trainable_count << " of " << total_count
       << (lora.empty() ? "" : ", LoRA on " + std::to_string(lora.size()) + " Linear modules") << std::endl;
 
   std::vector<StepMetrics> history;
@@ -322,71 +416,111 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   state.train_batch_size = cfg.data.per_device_train_batch_size;
   state.num_train_epochs = epochs;
   const bool save_every = cfg.save_strategy == "steps" && cfg.save_steps > 0;
+  const int64_t samples_per_step = accum * sampler.global_batch();
+  auto signature = [&](int64_t step) {
+    auto s = run_signature(cfg, trainables, comm.world_size(), samples_per_step);
+    s.sampler = {{"epoch", step / steps_per_epoch}, {"position", (step % steps_per_epoch) * samples_per_step}};
+    return s;
+  };
   int64_t step = 0;
   if (const std::string resume = checkpoint_to_resume(cfg); !resume.empty()) {
-    const auto restored = restore_checkpoint(resume, cfg, loaded, lora, optimizer);
+    const auto restored = restore_checkpoint(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(), log);
     step = restored.global_step;
     state.log_history = restored.log_history;
     log << "resuming from " << resume << " at step " << step << std::endl;
   }
   const int64_t first_epoch = step / steps_per_epoch, first_window = step % steps_per_epoch;
-  bool stopped = false;  // --stop-after-steps: as if killed right after that step
+  // Rank 0 on a terminal: a bar redrawn in place, log lines above it; otherwise the log lines only.
+  Progress progress(log, is_main && is_terminal(main_log), Progress::steady_seconds, terminal_columns(main_log));
+  bool stopped = false;  // --stop-after-steps (as if killed right after that step) or save_on_interrupt
+  int64_t skipped_steps = 0;  // non-finite steps skipped
+  if (cfg.save_on_interrupt) {
+    std::signal(SIGTERM, note_interrupt);
+    std::signal(SIGINT, note_interrupt);
+  }
   for (int64_t epoch = first_epoch; epoch < epochs && step < max_steps && !stopped; ++epoch) {
     // A resumed run starts at the next window of its epoch: no batch is replayed.
     const int64_t skip_windows = epoch == first_epoch ? first_window : 0;
-    const int64_t start = skip_windows * accum * sampler.global_batch();
-    data::DataLoader loader(dataset, sampler, {epoch, start}, cfg.data.dataloader_num_workers);
+    data::DataLoader loader(dataset, sampler, {epoch, skip_windows * samples_per_step}, cfg.data.dataloader_num_workers);
     int64_t batches_seen = skip_windows * accum;
     for (int64_t window = skip_windows; window < steps_per_epoch && step < max_steps && !stopped; ++window) {
-      // One optimizer step: a window of micro-batches, their gradients summed.
+      // One optimizer step: a window of micro-batches on every rank, their gradients summed.
       std::vector<data::Batch> micro_batches;
       const int64_t size = std::min(accum, batches_per_epoch - window * accum);
       for (int64_t i = 0; i < size; ++i)
         if (auto b = loader.next()) micro_batches.push_back(std::move(*b));
       if (micro_batches.empty()) break;
-      int64_t window_tokens = 0;
-      for (auto& b : micro_batches) window_tokens += scored_tokens(b.labels);
+      // The loss is the mean over every scored token of the global window, so ranks agree on its count.
+      auto window_tokens = torch::zeros({1}, torch::kFloat64);
+      for (auto& b : micro_batches) window_tokens += static_cast<double>(scored_tokens(b.labels));
+      if (comm.world_size() > 1) comm.allreduce(window_tokens, dist::Reduce::Sum);
+      const auto tokens = std::max<int64_t>(static_cast<int64_t>(window_tokens.item<double>()), 1);
 
-      double loss = 0;
+      auto loss_sum = torch::zeros({1}, torch::kFloat64);
       for (auto& b : micro_batches) {
-        auto l = micro_batch_loss(model, b, std::max<int64_t>(window_tokens, 1));
+        auto l = micro_batch_loss(model, b, tokens);
         if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
-        loss += l.item<double>();
+        loss_sum += l.item<double>();
       }
+      if (comm.world_size() > 1) comm.allreduce(loss_sum, dist::Reduce::Sum);
+      const double loss = loss_sum.item<double>();
       batches_seen += static_cast<int64_t>(micro_batches.size());
 
-      const double grad_norm = clip_grad_norm(params, cfg.max_grad_norm > 0 ? cfg.max_grad_norm : INFINITY);
+      const double grad_norm = optimizer.reduce_gradients();  // the same on every rank
       const double factor = schedule.factor(step);
-      optimizer.set_lr_factor(factor);
-      optimizer.step();
-      optimizer.zero_grad();
+      if (std::isfinite(loss) && std::isfinite(grad_norm)) {
+        optimizer.update(cfg.max_grad_norm, factor);
+      } else if (cfg.skip_nonfinite_steps) {
+        optimizer.discard();
+        progress.log("step " + std::to_string(step + 1) + ": loss " + format_float(loss) + ", grad_norm " +
+                     format_float(grad_norm) + ": update skipped (" + std::to_string(++skipped_steps) +
+                     " skipped so far; skip_nonfinite_steps: true)");
+      } else {
+        throw Error("step " + std::to_string(step + 1) + ": loss " + format_float(loss) + ", grad_norm " +
+                    format_float(grad_norm) + ": stopping before the update (nothing was saved from this step; "
+                    "set skip_nonfinite_steps: true to skip such steps)");
+      }
       ++step;
 
       StepMetrics m{step, loss, grad_norm, cfg.learning_rate * factor,
                     epoch + static_cast<double>(batches_seen) / batches_per_epoch};
       history.push_back(m);
+      int64_t samples = 0;  // this rank's; every rank takes equal batches
+      for (auto& b : micro_batches) samples += b.input_ids.size(0);
+      progress.update({step, max_steps, loss, m.learning_rate, m.grad_norm, samples * comm.world_size()});
       logged_loss += loss;
       state.global_step = step;
       state.epoch = m.epoch;
       if (cfg.logging_steps > 0 && step % cfg.logging_steps == 0) {
-        log << log_line(logged_loss / cfg.logging_steps, m.grad_norm, m.learning_rate, m.epoch) << std::endl;
+        progress.log(log_line(logged_loss / cfg.logging_steps, m.grad_norm, m.learning_rate, m.epoch));
         state.log_history.push_back({{"loss", logged_loss / cfg.logging_steps}, {"grad_norm", m.grad_norm},
                                      {"learning_rate", m.learning_rate}, {"epoch", m.epoch}, {"step", step}});
         logged_loss = 0;
       }
-      if (save_every && step % cfg.save_steps == 0) save_checkpoint(cfg, loaded, lora, optimizer, state);
+      if (save_every && step % cfg.save_steps == 0)
+        save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), comm);
       if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
+      if (cfg.save_on_interrupt && interrupt_requested(comm)) {
+        if (!(save_every && step % cfg.save_steps == 0))
+          save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), comm);
+        progress.log("interrupted by a signal: saved checkpoint-" + std::to_string(step) + ", stopping");
+        stopped = true;
+      }
     }
   }
 
+  progress.finish();
   // HF Trainer saves at the end too (unless the last step just did).
   if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
-    save_checkpoint(cfg, loaded, lora, optimizer, state);
-  if (!debug.metrics_out.empty()) write_metrics(debug.metrics_out, history, trainables);
-  if (!debug.save_trainables.empty()) {
+    save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), comm);
+  if (!debug.metrics_out.empty()) {
+    const auto bytes = gather_state_bytes(optimizer, comm);
+    if (is_main) write_metrics(debug.metrics_out, history, trainables, optimizer, bytes);
+  }
+  if (!debug.save_trainables.empty()) {  // rank 0 at the path, rank R > 0 at path.rank<R>
     io::NamedTensors out;
-    for (auto& t : trainables) out.push_back({t.name, t.param.detach()});
-    io::save_safetensors(debug.save_trainables, out);
+    for (auto& t : trainables) out.push_back({t.name, t.param.detach().to(torch::kFloat32)});
+    io::save_safetensors(debug.save_trainables + (is_main ? "" : ".rank" + std::to_string(comm.rank())), out);
   }
   return history;
 }

@@ -16,7 +16,8 @@ namespace llava::train {
 struct TrainDebugOptions {
   std::string init_lora_from;   // a PEFT adapter dir: LoRA A/B start from its adapter_model.safetensors
   std::string metrics_out;      // JSON: per optimizer step loss, grad_norm, learning_rate, epoch
-  std::string save_trainables;  // safetensors: the trainable tensors after the last step (canonical names)
+  std::string save_trainables;  // safetensors: the trainable tensors after the last step (canonical names);
+                                // rank R > 0 of a multi-rank run writes <path>.rank<R>
   int64_t stop_after_steps = 0;  // > 0: stop after that optimizer step without the final save (a kill)
 };
 

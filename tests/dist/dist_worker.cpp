@@ -85,7 +85,7 @@ nlohmann::json run_collectives(dist::Communicator& comm, const fs::path& out_dir
     for (auto s : shapes[j]) numel *= s;
     grads.push_back(input(20 + static_cast<int>(j), rank, numel).reshape(shapes[j]));
   }
-  dist::average_gradients(comm, grads, 16);
+  dist::allreduce_gradients(comm, grads, dist::Reduce::Avg, 16);
   std::vector<double> flat_grads;
   for (auto& g : grads)
     for (double v : values(g)) flat_grads.push_back(v);

@@ -100,12 +100,12 @@ TEST_CASE("bucket plan: in order, capped, split on dtype", "[dist][buckets]") {
   CHECK_THROWS_WITH(plan_buckets({1}, {f}, 0), Catch::Contains("bucket cap"));
 }
 
-TEST_CASE("average_gradients with one rank leaves gradients as they are", "[dist][buckets]") {
+TEST_CASE("allreduce_gradients with one rank leaves gradients as they are", "[dist][buckets]") {
   auto comm = Communicator::single_process();
   std::vector<torch::Tensor> grads = {torch::randn({3, 4}), torch::randn({5})};
   auto before = grads[0].clone();
-  average_gradients(comm, grads, 4);
+  allreduce_gradients(comm, grads, Reduce::Avg, 4);
   CHECK(torch::equal(grads[0], before));
   std::vector<torch::Tensor> missing = {torch::randn({2}), torch::Tensor()};
-  CHECK_THROWS_WITH(average_gradients(comm, missing), Catch::Contains("gradient #1 is undefined"));
+  CHECK_THROWS_WITH(allreduce_gradients(comm, missing, Reduce::Avg), Catch::Contains("gradient #1 is undefined"));
 }

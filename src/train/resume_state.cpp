@@ -1,0 +1,163 @@
+#include "train/resume_state.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <filesystem>
+#include <mutex>
+#include <set>
+
+#include "io/error.h"
+#include "io/file_util.h"
+#include "io/safetensors.h"
+
+namespace llava::train {
+
+namespace {
+namespace fs = std::filesystem;
+const char* kSignatureFile = "llava_resume.json";
+const char* kRngFile = "llava_rng_state.safetensors";
+const char* kMasterFile = "llava_master_weights.safetensors";
+
+std::string in_dir(const std::string& dir, const char* file) { return (fs::path(dir) / file).string(); }
+
+std::string shape_text(const std::vector<int64_t>& shape) { return nlohmann::json(shape).dump(); }
+}  // namespace
+
+void write_run_signature(const std::string& dir, const RunSignature& s) {
+  nlohmann::json trainables = nlohmann::json::array();
+  for (auto& [name, shape] : s.trainables) trainables.push_back({{"name", name}, {"shape", shape}});
+  nlohmann::json j = {{"format", 1},          {"trainables", trainables},   {"lora", s.lora},
+                      {"dtype", s.dtype},      {"samples_per_step", s.samples_per_step},
+                      {"world_size", s.world_size}, {"zero_stage", s.zero_stage}, {"sampler", s.sampler}};
+  io::write_file_atomic(in_dir(dir, kSignatureFile), j.dump(1) + "\n");
+}
+
+std::optional<RunSignature> read_run_signature(const std::string& dir) {
+  const std::string path = in_dir(dir, kSignatureFile);
+  if (!fs::exists(path)) return std::nullopt;
+  try {
+    auto j = nlohmann::json::parse(io::read_file(path));
+    RunSignature s;
+    for (auto& t : j.at("trainables")) s.trainables.push_back({t.at("name"), t.at("shape")});
+    s.lora = j.at("lora");
+    s.dtype = j.at("dtype");
+    s.samples_per_step = j.at("samples_per_step");
+    s.world_size = j.at("world_size");
+    s.zero_stage = j.at("zero_stage");
+    s.sampler = j.at("sampler");
+    return s;
+  } catch (const nlohmann::json::exception& e) {
+    fail(path, std::string("not a valid resume state: ") + e.what());
+  }
+}
+
+std::vector<std::string> check_resume_compatible(const RunSignature& saved, const RunSignature& now,
+                                                 const std::string& where) {
+  auto incompatible = [&](const std::string& what) {
+    fail(where, "cannot resume: " + what + "; nothing was changed");
+  };
+  if (saved.lora != now.lora)
+    incompatible("the LoRA settings differ (checkpoint " + saved.lora.dump() + ", config " + now.lora.dump() + ")");
+  std::set<std::string> now_names;
+  for (auto& t : now.trainables) now_names.insert(t.first);
+  for (size_t i = 0; i < std::max(saved.trainables.size(), now.trainables.size()); ++i) {
+    if (i >= now.trainables.size() || i >= saved.trainables.size() ||
+        saved.trainables[i].first != now.trainables[i].first) {
+      std::string first_extra;  // the first name only one side trains
+      for (auto& t : saved.trainables)
+        if (!now_names.count(t.first)) { first_extra = "'" + t.first + "' trains in the checkpoint but not in this config"; break; }
+      if (first_extra.empty()) first_extra = "the order of trainable parameters differs at #" + std::to_string(i);
+      incompatible("the trainable set differs (checkpoint " + std::to_string(saved.trainables.size()) +
+                   " tensors, config " + std::to_string(now.trainables.size()) + "): " + first_extra);
+    }
+    if (saved.trainables[i].second != now.trainables[i].second)
+      incompatible("'" + now.trainables[i].first + "' has shape " + shape_text(saved.trainables[i].second) +
+                   " in the checkpoint but " + shape_text(now.trainables[i].second) + " now");
+  }
+  if (saved.samples_per_step != now.samples_per_step)
+    incompatible("an optimizer step takes " + std::to_string(saved.samples_per_step) +
+                 " samples in the checkpoint but " + std::to_string(now.samples_per_step) +
+                 " now (per_device_train_batch_size x ranks x gradient_accumulation_steps must stay the same)");
+  std::vector<std::string> allowed;
+  if (saved.dtype != now.dtype) allowed.push_back("weights dtype " + saved.dtype + " -> " + now.dtype);
+  if (saved.world_size != now.world_size)
+    allowed.push_back("world size " + std::to_string(saved.world_size) + " -> " + std::to_string(now.world_size));
+  if (saved.zero_stage != now.zero_stage)
+    allowed.push_back("ZeRO stage " + std::to_string(saved.zero_stage) + " -> " + std::to_string(now.zero_stage));
+  return allowed;
+}
+
+void check_same_model(const std::string& checkpoint_dir, const std::string& model_dir) {
+  const fs::path saved_path = fs::path(checkpoint_dir) / "config.json", base_path = fs::path(model_dir) / "config.json";
+  if (!fs::exists(saved_path) || !fs::exists(base_path)) return;
+  auto parse = [](const fs::path& p) {
+    try {
+      return nlohmann::json::parse(io::read_file(p.string()));
+    } catch (const nlohmann::json::exception& e) {
+      fail(p.string(), std::string("not valid JSON: ") + e.what());
+    }
+  };
+  static const std::set<std::string> volatile_keys = {"transformers_version", "_name_or_path", "torch_dtype", "dtype",
+                                                      "use_cache", "architectures"};
+  std::function<void(const nlohmann::json&, const nlohmann::json&, const std::string&)> compare =
+      [&](const nlohmann::json& a, const nlohmann::json& b, const std::string& path) {
+        if (a.is_object() && b.is_object()) {
+          for (auto& [key, value] : a.items()) {
+            if (volatile_keys.count(key)) continue;
+            compare(value, b.contains(key) ? b.at(key) : nlohmann::json(), path.empty() ? key : path + "." + key);
+          }
+          return;
+        }
+        if (a != b)
+          fail(saved_path.string(), "this checkpoint is from another model: " + path + " is " + a.dump() +
+                                        " here but " + b.dump() + " in " + base_path.string() + "; nothing was changed");
+      };
+  compare(parse(saved_path), parse(base_path), "");
+}
+
+torch::Tensor cpu_rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_cpu_rng_state(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+void write_rng_states(const std::string& dir, const std::vector<torch::Tensor>& states_by_rank) {
+  io::NamedTensors tensors;
+  for (size_t r = 0; r < states_by_rank.size(); ++r) tensors.push_back({"rank_" + std::to_string(r), states_by_rank[r]});
+  io::save_safetensors(in_dir(dir, kRngFile), tensors);
+}
+
+std::optional<torch::Tensor> read_rng_state(const std::string& dir, int rank) {
+  const std::string path = in_dir(dir, kRngFile);
+  if (!fs::exists(path)) return std::nullopt;
+  auto file = io::SafetensorsFile::open(path);
+  const std::string name = "rank_" + std::to_string(file.contains("rank_" + std::to_string(rank)) ? rank : 0);
+  if (!file.contains(name)) fail(path, "no tensor '" + name + "'");
+  auto state = file.get(name);
+  if (state.scalar_type() != torch::kUInt8 || state.dim() != 1 || state.numel() != cpu_rng_state().numel())
+    fail(path, "'" + name + "' is not a CPU generator state (expected uint8 [" +
+                   std::to_string(cpu_rng_state().numel()) + "], got " + c10::toString(state.scalar_type()) + " " +
+                   c10::str(state.sizes()) + ")");
+  return state.clone();
+}
+
+void write_master_weights(const std::string& dir, const std::vector<std::pair<std::string, torch::Tensor>>& weights) {
+  if (!weights.empty()) io::save_safetensors(in_dir(dir, kMasterFile), weights);
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> read_master_weights(const std::string& dir) {
+  const std::string path = in_dir(dir, kMasterFile);
+  if (!fs::exists(path)) return {};
+  auto file = io::SafetensorsFile::open(path);
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& t : file.tensors()) out.push_back({t.name, file.get(t.name).to(torch::kFloat32).clone()});
+  return out;
+}
+
+}  // namespace llava::train

@@ -1,0 +1,53 @@
+// Our own exact-resume state, kept in checkpoint-N/ next to HF's files (HF tools ignore them):
+//   llava_resume.json                  what the run was: trainable names and shapes, LoRA settings, dtype,
+//                                      samples per optimizer step, world size, ZeRO stage
+//   llava_rng_state.safetensors        every rank's CPU generator state ("rank_<R>", uint8)
+//   llava_master_weights.safetensors   fp32 master weights (bf16 runs only; the model files hold bf16)
+// HF's rng_state_<R>.pth hold Python/NumPy states we cannot produce, so we write none.
+#pragma once
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+namespace llava::train {
+
+struct RunSignature {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> trainables;  // named_parameters() order
+  nlohmann::json lora;                 // {r, lora_alpha, target_modules, use_rslora} or null
+  std::string dtype = "float32";       // of the model's weights ("bfloat16" under bf16)
+  int64_t samples_per_step = 0;        // global batch x accumulation
+  int64_t world_size = 1;
+  int64_t zero_stage = 0;
+  nlohmann::json sampler;              // {epoch, position} of the next batch
+};
+
+void write_run_signature(const std::string& dir, const RunSignature& signature);
+// nullopt when the checkpoint has none (e.g. written by Python HF Trainer).
+std::optional<RunSignature> read_run_signature(const std::string& dir);
+
+// An incompatible difference (trainable set, shapes, LoRA settings, samples per step) is a llava::Error
+// naming it; allowed ones (world size, ZeRO stage) come back as lines to log.
+std::vector<std::string> check_resume_compatible(const RunSignature& saved, const RunSignature& current,
+                                                 const std::string& where);
+
+// The checkpoint's config.json must describe the model being trained (volatile keys such as
+// transformers_version aside); otherwise a llava::Error names the first differing key.
+void check_same_model(const std::string& checkpoint_dir, const std::string& model_dir);
+
+// The default CPU generator's state (torch.get_rng_state()) and its restore.
+torch::Tensor cpu_rng_state();
+void set_cpu_rng_state(const torch::Tensor& state);
+
+void write_rng_states(const std::string& dir, const std::vector<torch::Tensor>& states_by_rank);
+// This rank's state; a rank the checkpoint did not have (more ranks now) takes rank 0's state.
+// nullopt when the checkpoint has no RNG file.
+std::optional<torch::Tensor> read_rng_state(const std::string& dir, int rank);
+
+void write_master_weights(const std::string& dir, const std::vector<std::pair<std::string, torch::Tensor>>& weights);
+std::vector<std::pair<std::string, torch::Tensor>> read_master_weights(const std::string& dir);
+
+}  // namespace llava::train
