@@ -10,6 +10,7 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/safetensors.h"
 #include "train/schedule.h"
 
 namespace llava::train {
@@ -116,6 +117,7 @@ const std::map<std::string, Setter>& train_fields() {
       {"zero_stage", set(&TrainConfig::zero_stage)},
       {"deepspeed", set(&TrainConfig::deepspeed)},
       {"ddp_timeout", set(&TrainConfig::ddp_timeout)},
+      {"consolidate_optimizer_max_size", set(&TrainConfig::consolidate_optimizer_max_size)},
       // Read by the data section (data::read_data_config).
       {"data_path", accepted_and_ignored()},
       {"image_folder", accepted_and_ignored()},
@@ -195,6 +197,14 @@ void check_combinations(const TrainConfig& c, const YAML::Node& root, const std:
     bad("lora_target_regex", "give lora_target_modules or lora_target_regex, not both");
   if (c.zero_stage < 0 || c.zero_stage > 2) bad("zero_stage", "must be 0, 1 or 2 (ZeRO-3 is not supported)");
   if (c.save_strategy != "steps" && c.save_strategy != "no") bad("save_strategy", "expected steps or no");
+  for (auto [key, value] : {std::pair{"max_shard_size", &c.max_shard_size},
+                            std::pair{"consolidate_optimizer_max_size", &c.consolidate_optimizer_max_size}}) {
+    try {
+      io::parse_size(*value);
+    } catch (const Error&) {
+      bad(key, "expected a size like 5GB, 200MB or 1000 (bytes), got '" + *value + "'");
+    }
+  }
   if (c.mm_projector_type != "mlp2x_gelu" && c.mm_projector_type != "linear")
     bad("mm_projector_type", "expected mlp2x_gelu or linear");
   try {

@@ -67,6 +67,7 @@ struct TrainConfig {
   int64_t zero_stage = 0;
   std::string deepspeed;  // a DeepSpeed JSON; its zero_optimization.stage sets zero_stage
   double ddp_timeout = 1800;
+  std::string consolidate_optimizer_max_size = "2GB";  // ZeRO: also write optimizer.pt up to this state size
 };
 
 // Reads a config file, applies `overrides` ("key=value"), validates. `where` for errors is the file path.

@@ -147,6 +147,56 @@ std::optional<torch::Tensor> read_rng_state(const std::string& dir, int rank) {
   return state.clone();
 }
 
+void write_zero_shard(const std::string& dir, int rank, int world_size, const std::vector<RangeState>& ranges) {
+  io::NamedTensors tensors;
+  nlohmann::json index = nlohmann::json::array();
+  for (auto& r : ranges) {
+    const std::string key = r.name + "/" + std::to_string(r.param_offset);
+    index.push_back({{"name", r.name}, {"param_offset", r.param_offset}, {"length", r.length}, {"step", r.step}});
+    if (r.step > 0) {
+      tensors.push_back({"exp_avg/" + key, r.exp_avg});
+      tensors.push_back({"exp_avg_sq/" + key, r.exp_avg_sq});
+    }
+    if (r.master.defined()) tensors.push_back({"master/" + key, r.master});
+  }
+  const fs::path shards = fs::path(dir) / "zero_shards";
+  fs::create_directories(shards);
+  const std::string file = "rank_" + std::to_string(rank) + "_of_" + std::to_string(world_size) + ".safetensors";
+  io::save_safetensors((shards / file).string(), tensors, {{"ranges", index.dump()}, {"world_size", std::to_string(world_size)}});
+}
+
+std::vector<RangeState> read_zero_shards(const std::string& dir) {
+  const fs::path shards = fs::path(dir) / "zero_shards";
+  std::vector<RangeState> out;
+  if (!fs::is_directory(shards)) return out;
+  for (auto& entry : fs::directory_iterator(shards)) {
+    if (entry.path().extension() != ".safetensors") continue;
+    const std::string path = entry.path().string();
+    auto file = io::SafetensorsFile::open(path);
+    auto meta = file.metadata().find("ranges");
+    if (meta == file.metadata().end()) fail(path, "no 'ranges' metadata: not a ZeRO shard file");
+    try {
+      for (auto& r : nlohmann::json::parse(meta->second)) {
+        RangeState s{r.at("name"), r.at("param_offset"), r.at("length"), r.at("step"), {}, {}, {}};
+        const std::string key = s.name + "/" + std::to_string(s.param_offset);
+        auto get = [&](const std::string& kind) {
+          auto t = file.get(kind + "/" + key).to(torch::kFloat32).reshape({-1});
+          if (t.numel() != s.length)
+            fail(path, "'" + kind + "/" + key + "' has " + std::to_string(t.numel()) + " elements, the range " +
+                           std::to_string(s.length));
+          return t;
+        };
+        if (s.step > 0) s.exp_avg = get("exp_avg"), s.exp_avg_sq = get("exp_avg_sq");
+        if (file.contains("master/" + key)) s.master = get("master");
+        out.push_back(std::move(s));
+      }
+    } catch (const nlohmann::json::exception& e) {
+      fail(path, std::string("bad 'ranges' metadata: ") + e.what());
+    }
+  }
+  return out;
+}
+
 void write_master_weights(const std::string& dir, const std::vector<std::pair<std::string, torch::Tensor>>& weights) {
   if (!weights.empty()) io::save_safetensors(in_dir(dir, kMasterFile), weights);
 }

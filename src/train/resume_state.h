@@ -3,6 +3,9 @@
 //                                      samples per optimizer step, world size, ZeRO stage
 //   llava_rng_state.safetensors        every rank's CPU generator state ("rank_<R>", uint8)
 //   llava_master_weights.safetensors   fp32 master weights (bf16 runs only; the model files hold bf16)
+//   zero_shards/rank_<R>_of_<N>.safetensors   under ZeRO 1/2: rank R's optimizer state by parameter range
+//                                      (tensors "<kind>/<param name>/<offset>", the ranges and their steps
+//                                      in the metadata), readable by a run with any number of ranks
 // HF's rng_state_<R>.pth hold Python/NumPy states we cannot produce, so we write none.
 #pragma once
 #include <optional>
@@ -12,6 +15,8 @@
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
+
+#include "train/sharded_adamw.h"
 
 namespace llava::train {
 
@@ -46,6 +51,10 @@ void write_rng_states(const std::string& dir, const std::vector<torch::Tensor>& 
 // This rank's state; a rank the checkpoint did not have (more ranks now) takes rank 0's state.
 // nullopt when the checkpoint has no RNG file.
 std::optional<torch::Tensor> read_rng_state(const std::string& dir, int rank);
+
+void write_zero_shard(const std::string& dir, int rank, int world_size, const std::vector<RangeState>& ranges);
+// Every range of every shard file in dir/zero_shards; empty when there is none.
+std::vector<RangeState> read_zero_shards(const std::string& dir);
 
 void write_master_weights(const std::string& dir, const std::vector<std::pair<std::string, torch::Tensor>>& weights);
 std::vector<std::pair<std::string, torch::Tensor>> read_master_weights(const std::string& dir);

@@ -4,7 +4,6 @@
 #include <map>
 
 #include "dist/buckets.h"
-#include "dist/buckets.h"
 #include "io/error.h"
 
 namespace llava::train {
@@ -241,6 +240,52 @@ void ShardedAdamW::load_master_weights(const std::vector<std::pair<std::string, 
                   std::to_string(params_[p.param].numel()));
     p.master.copy_(it->second.reshape({-1}).narrow(0, p.param_offset, p.length));
     flat_param_view(p.param, p.param_offset, p.length).copy_(p.master);
+  }
+}
+
+std::vector<RangeState> ShardedAdamW::local_ranges() const {
+  std::vector<RangeState> out;
+  for (size_t k = 0; k < pieces_.size(); ++k) {
+    const Piece& p = pieces_[k];
+    const AdamState& s = inner_->state()[inner_slot_[k].first][inner_slot_[k].second];
+    RangeState r{layout_.params[p.param].name, p.param_offset, p.length, s.step, s.exp_avg, s.exp_avg_sq, {}};
+    if (master_shard_.defined()) r.master = p.master;
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+void ShardedAdamW::load_ranges(const std::vector<RangeState>& all, const std::string& where) {
+  std::map<std::string, std::vector<const RangeState*>> by_name;
+  for (auto& r : all) by_name[r.name].push_back(&r);
+  torch::NoGradGuard no_grad;
+  for (size_t k = 0; k < pieces_.size(); ++k) {
+    Piece& p = pieces_[k];
+    const std::string& name = layout_.params[p.param].name;
+    AdamState& to = inner_->state()[inner_slot_[k].first][inner_slot_[k].second];
+    to = AdamState{};
+    int64_t covered = 0, step = 0;
+    torch::Tensor exp_avg = torch::zeros({p.length}), exp_avg_sq = torch::zeros({p.length});
+    for (const RangeState* r : by_name[name]) {  // copy the overlap of each saved range with this piece
+      const int64_t begin = std::max(p.param_offset, r->param_offset);
+      const int64_t end = std::min(p.param_offset + p.length, r->param_offset + r->length);
+      if (begin >= end) continue;
+      covered += end - begin;
+      step = r->step;
+      if (r->step > 0) {
+        exp_avg.narrow(0, begin - p.param_offset, end - begin).copy_(r->exp_avg.narrow(0, begin - r->param_offset, end - begin));
+        exp_avg_sq.narrow(0, begin - p.param_offset, end - begin)
+            .copy_(r->exp_avg_sq.narrow(0, begin - r->param_offset, end - begin));
+      }
+      if (master_shard_.defined() && r->master.defined())
+        p.master.narrow(0, begin - p.param_offset, end - begin).copy_(r->master.narrow(0, begin - r->param_offset, end - begin));
+    }
+    if (covered != p.length)
+      fail(where, "the ZeRO shards hold " + std::to_string(covered) + " of the " + std::to_string(p.length) +
+                      " elements of '" + name + "' from offset " + std::to_string(p.param_offset) +
+                      " (a shard file is missing or from another run)");
+    if (step > 0) to = AdamState{exp_avg, exp_avg_sq, step};
+    if (master_shard_.defined()) flat_param_view(p.param, p.param_offset, p.length).copy_(p.master);
   }
 }
 

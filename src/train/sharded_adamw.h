@@ -22,6 +22,15 @@
 
 namespace llava::train {
 
+// One parameter range of one rank's optimizer state, as ZeRO shard files store it (resume_state.h):
+// param[param_offset : param_offset + length] (flattened).
+struct RangeState {
+  std::string name;
+  int64_t param_offset = 0, length = 0, step = 0;  // step 0: never updated (no moments)
+  torch::Tensor exp_avg, exp_avg_sq;                // [length] fp32
+  torch::Tensor master;                             // [length] fp32, bf16 runs only
+};
+
 class ShardedAdamW {
  public:
   // groups: the model's trainable parameters (HF's groups, named_parameters() order). In fp32 the master
@@ -45,6 +54,12 @@ class ShardedAdamW {
   // apart from the model, so fp32 runs return {}.
   std::vector<std::pair<std::string, torch::Tensor>> master_weights();
   void load_master_weights(const std::vector<std::pair<std::string, torch::Tensor>>& weights);
+
+  // This rank's state by parameter range (no communication), and the reverse: take this rank's pieces
+  // from the ranges of every rank of a run with any world size (llava::Error when they do not cover them).
+  std::vector<RangeState> local_ranges() const;
+  void load_ranges(const std::vector<RangeState>& all, const std::string& where);
+  bool sharded() const { return sharded_; }
 
   // Bytes of optimizer state this rank holds: Adam moments plus separate master weights.
   int64_t state_bytes() const;

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <optional>
 #include <ostream>
 
 #include <nlohmann/json.hpp>
@@ -200,19 +201,47 @@ void on_rank0_for_all(dist::Communicator& comm, const std::string& what, const s
   if (failed.item<float>() > 0) throw Error(what + " failed on rank 0 (see its error)");
 }
 
+// Whether optimizer.pt (the whole state, gathered on every rank) is written: always without sharding;
+// under ZeRO only while the state is at most consolidate_optimizer_max_size, as gathering it costs
+// every rank the whole state's memory.
+bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& optimizer) {
+  if (!optimizer.sharded()) return true;
+  const int64_t state_bytes = optimizer.layout().total_numel * (cfg.bf16 ? 12 : 8);
+  return static_cast<uint64_t>(state_bytes) <= io::parse_size(cfg.consolidate_optimizer_max_size);
+}
+
 // checkpoint-<step>/ in the HF Trainer layout: trained weights as PEFT (adapter + LLaVA's
 // non_lora_trainables.bin), LLaVA stage 1 (mm_projector.bin) or save_pretrained (full) write them, the base
-// config.json, optimizer.pt, scheduler.pt and trainer_state.json, plus our exact-resume files; committed
-// atomically, then rotated. Collective: the optimizer state is gathered from every rank; rank 0 writes.
+// config.json, optimizer.pt, scheduler.pt and trainer_state.json, plus our exact-resume files (and under
+// ZeRO each rank's shard of the optimizer); committed atomically, then rotated. Collective: every rank
+// must call it; rank 0 writes all but the shard files.
 void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const std::vector<LoraModule>& lora,
                      ShardedAdamW& optimizer, const checkpoint::TrainerState& state, RunSignature signature,
                      dist::Communicator& comm) {
-  const AdamW whole = optimizer.consolidated();
-  const auto masters = optimizer.master_weights();
+  const std::string what = "saving checkpoint-" + std::to_string(state.global_step);
+  const bool consolidate = write_consolidated_optimizer(cfg, optimizer);
+  std::optional<AdamW> whole;
+  if (consolidate) whole = optimizer.consolidated();
+  const auto masters = optimizer.sharded() ? decltype(optimizer.master_weights()){} : optimizer.master_weights();
   const auto rng_states = gather_rng_states(comm);
-  on_rank0_for_all(comm, "saving checkpoint-" + std::to_string(state.global_step), [&] {
-    checkpoint::PendingCheckpoint pending(cfg.output_dir, state.global_step);
-    const std::string dir = pending.dir();
+
+  std::optional<checkpoint::PendingCheckpoint> pending;  // rank 0's; removed unless committed
+  on_rank0_for_all(comm, what, [&] { pending.emplace(cfg.output_dir, state.global_step); });
+  const std::string dir = (fs::path(cfg.output_dir) / (".checkpoint-" + std::to_string(state.global_step) + ".partial")).string();
+  if (optimizer.sharded()) {
+    std::string error;  // every rank writes its own shard into rank 0's partial folder
+    try {
+      write_zero_shard(dir, comm.rank(), comm.world_size(), optimizer.local_ranges());
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    auto failed = torch::full({1}, error.empty() ? 0.0f : 1.0f);
+    comm.allreduce(failed, dist::Reduce::Sum);
+    if (!error.empty()) throw Error(error);
+    if (failed.item<float>() > 0) throw Error(what + ": another rank could not write its ZeRO shard");
+  }
+  on_rank0_for_all(comm, what, [&] {
+    if (pending->dir() != dir) throw Error(what + ": unexpected partial folder " + pending->dir());
     if (!lora.empty()) {
       save_lora_adapter(dir, lora, lora_config_for(cfg), loaded.layout, cfg.model_name_or_path);
       save_projector_weights(dir + "/non_lora_trainables.bin", loaded.model, loaded.layout, /*peft_prefix=*/true);
@@ -224,13 +253,18 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
     const fs::path base_config = fs::path(cfg.model_name_or_path) / "config.json";
     if (fs::exists(base_config) && !fs::exists(fs::path(dir) / "config.json"))
       fs::copy_file(base_config, fs::path(dir) / "config.json");
-    io::save_pt(dir + "/optimizer.pt", adamw_state_dict(whole));
-    io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(whole, state.global_step));
+    if (whole) {
+      io::save_pt(dir + "/optimizer.pt", adamw_state_dict(*whole));
+      io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(*whole, state.global_step));
+    } else {
+      AdamW stateless(optimizer.groups(), AdamWOptions{});  // the schedule needs only the groups' lrs
+      io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(stateless, state.global_step));
+    }
     checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
     write_run_signature(dir, signature);
     write_rng_states(dir, rng_states);
     write_master_weights(dir, masters);
-    pending.commit();
+    pending->commit();
     checkpoint::rotate_checkpoints(cfg.output_dir, cfg.save_total_limit);
   });
 }
@@ -263,11 +297,16 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
   } else {
     model::load_weights(loaded.model, dir);
   }
-  const std::string optimizer_file = (fs::path(dir) / "optimizer.pt").string();
-  AdamW whole(optimizer.groups(), AdamWOptions{});
-  load_adamw_state_dict(whole, io::load_pt(optimizer_file), optimizer_file);
-  optimizer.load_consolidated(whole);
-  optimizer.load_master_weights(read_master_weights(dir));
+  // The optimizer: ZeRO shard files when there are (any world size reads them), else optimizer.pt.
+  if (auto ranges = read_zero_shards(dir); !ranges.empty()) {
+    optimizer.load_ranges(ranges, (fs::path(dir) / "zero_shards").string());
+  } else {
+    const std::string optimizer_file = (fs::path(dir) / "optimizer.pt").string();
+    AdamW whole(optimizer.groups(), AdamWOptions{});
+    load_adamw_state_dict(whole, io::load_pt(optimizer_file), optimizer_file);
+    optimizer.load_consolidated(whole);
+    optimizer.load_master_weights(read_master_weights(dir));
+  }
   if (auto rng = read_rng_state(dir, rank)) set_cpu_rng_state(*rng);
   return state;
 }

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from llava_oracle import binary, run
@@ -121,15 +122,30 @@ def test_two_rank_resume_is_bitwise(world, stage):
             assert torch.equal(second_w[r][n], whole_w[r][n]), (r, n)
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 3)])
-def test_resume_with_another_world_size_under_zero2(world, single, before, after):
+@pytest.mark.parametrize("before,after,shards_only", [(2, 1, False), (1, 3, False), (2, 3, True)])
+def test_resume_with_another_world_size_under_zero2(world, single, before, after, shards_only):
+    """shards_only: consolidate_optimizer_max_size 0, so the checkpoint holds the optimizer only as ZeRO
+    shard files (one per rank, by parameter range), which the 3-rank run cuts anew."""
     _, want, (want_w,) = single["lora"]
     s = {**STAGES["lora"], "zero_stage": 2, "save_strategy": "steps", "save_steps": 1}
-    name = f"lora_resume_{before}to{after}"
+    if shards_only:
+        s["consolidate_optimizer_max_size"] = "0"
+    name = f"lora_resume_{before}to{after}" + ("_shards" if shards_only else "")
     train(world, name, before, s, extra=["--stop-after-steps", 1])
+    ckpt = world["root"] / name / "checkpoint-1"
+    shard_files = sorted(p.name for p in (ckpt / "zero_shards").glob("*.safetensors"))
+    assert shard_files == ([f"rank_{r}_of_{before}.safetensors" for r in range(before)] if before > 1 else [])
+    assert (ckpt / "optimizer.pt").exists() == (not shards_only)
+    if shards_only:  # the shards' ranges tile every trainable parameter exactly once
+        covered = {}
+        for f in shard_files:
+            with safe_open(str(ckpt / "zero_shards" / f), "pt") as st:
+                for r in json.loads(st.metadata()["ranges"]):
+                    covered[r["name"]] = covered.get(r["name"], 0) + r["length"]
+        assert covered == {n: t.numel() for n, t in want_w.items()}
     stdout, got, by_rank = train(world, name, after, {**s, "resume_from_checkpoint": "auto"})
     assert f"world size {before} -> {after}" in stdout
     steps = got["steps"]
     assert [m["step"] for m in steps] == [2, 3, 4]
-    assert_close_run(f"resume {before} -> {after} ranks", {"steps": steps}, {"steps": want["steps"][1:]},
-                     by_rank[0], want_w)
+    assert_close_run(f"resume {before} -> {after} ranks" + (" from shard files" if shards_only else ""),
+                     {"steps": steps}, {"steps": want["steps"][1:]}, by_rank[0], want_w)
