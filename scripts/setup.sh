@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SYSTEM_PACKAGES=(cmake ninja-build g++ ccache pkg-config libtorch-dev libgloo-dev catch2 libcxxopts-dev
-                 nlohmann-json3-dev libyaml-cpp-dev libsentencepiece-dev libstb-dev)
+                 nlohmann-json3-dev libyaml-cpp-dev libsentencepiece-dev libstb-dev
+                 clang libclang-rt-14-dev)  # clang + libFuzzer: the fuzz build
 # The oracle: pinned so reference outputs do not move under us. torch 2.13.0 is the local CPU wheel.
 ORACLE_PACKAGES=(torch==2.13.0 transformers==5.24.0 peft==0.21.2 safetensors accelerate sentencepiece pillow numpy pytest)
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The project's test command: set-up if needed, all three builds, ctest on each, one summary.
+# The project's test command: set-up if needed, all four builds, ctest on the first three (build-asan: the
+# Catch2 tests only), every fuzz target for FUZZ_SECONDS, one summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh || exit 1
-scripts/build.sh debian torch2 asan || exit 1
+scripts/build.sh debian torch2 asan fuzz || exit 1
 
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0  # libtorch's static registries "leak" by design
 export UBSAN_OPTIONS=print_stacktrace=1
@@ -11,7 +12,8 @@ total_pass=0 total_fail=0 status=0
 for dir in build build-torch2 build-asan; do
   echo "== ctest $dir"
   log="$dir/ctest.log"
-  (cd "$dir" && ctest --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 1200) 2>&1 | tee "$log"
+  only=(); [ "$dir" = build-asan ] && only=(-L catch)
+  (cd "$dir" && ctest --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 1200 "${only[@]}") 2>&1 | tee "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   summary=$(grep -E "tests passed, [0-9]+ tests failed out of [0-9]+" "$log" | tail -1)
   total=$(echo "$summary" | sed -E 's/.* out of ([0-9]+).*/\1/')
@@ -19,6 +21,17 @@ for dir in build build-torch2 build-asan; do
   [ -n "$total" ] || { echo "no ctest summary for $dir"; status=1; continue; }
   total_pass=$((total_pass + total - failed)); total_fail=$((total_fail + failed))
 done
+echo "== fuzz"
+FUZZ_SECONDS=${FUZZ_SECONDS:-30} scripts/fuzz.sh 2>&1 | tee build-fuzz/fuzz.log
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+summary=$(grep -E "^fuzz: [0-9]+ passed, [0-9]+ failed" build-fuzz/fuzz.log | tail -1)
+if [ -n "$summary" ]; then
+  total_pass=$((total_pass + $(echo "$summary" | sed -E 's/fuzz: ([0-9]+) passed.*/\1/')))
+  total_fail=$((total_fail + $(echo "$summary" | sed -E 's/.*, ([0-9]+) failed/\1/')))
+else
+  echo "no fuzz summary"; status=1
+fi
+
 echo
 echo "total: ${total_pass} passed, ${total_fail} failed"
 exit $status

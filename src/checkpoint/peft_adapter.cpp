@@ -86,7 +86,7 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name) {
 }
 
 void write_peft_lora_adapter(const std::string& dir, const PeftLoraAdapter& adapter, double lora_dropout,
-                             const std::vector<std::string>& target_modules, const std::string& base_model_name_or_path) {
+                             const nlohmann::json& target_modules, const std::string& base_model_name_or_path) {
   fs::create_directories(dir);
   nlohmann::json config = {  // nlohmann's object keeps keys sorted, like PEFT's sort_keys=True
       {"alpha_pattern", nlohmann::json::object()},

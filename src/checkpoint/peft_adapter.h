@@ -29,8 +29,9 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir);
 
 // Writes adapter_config.json (the LoRA keys PEFT has written since 0.9, sorted like PEFT's json dump,
 // task_type CAUSAL_LM as LLaVA saves it) and adapter_model.safetensors, each atomically. `modules` keys
-// are the module paths to write (in the base checkpoint's layout).
+// are the module paths to write (in the base checkpoint's layout). target_modules: a list of module-name
+// suffixes or a regex string, as PEFT's LoraConfig takes it.
 void write_peft_lora_adapter(const std::string& dir, const PeftLoraAdapter& adapter, double lora_dropout,
-                             const std::vector<std::string>& target_modules, const std::string& base_model_name_or_path);
+                             const nlohmann::json& target_modules, const std::string& base_model_name_or_path);
 
 }  // namespace llava::checkpoint

@@ -45,7 +45,16 @@ int run_eval_logits(int argc, char** argv) {
   const std::string batch_path = args["batch"].as<std::string>();
   auto batch = llava::io::SafetensorsFile::open(batch_path);
   if (!batch.contains("input_ids")) llava::fail(batch_path, "no input_ids tensor");
-  auto input_ids = batch.get("input_ids").to(torch::kInt64);
+  auto raw_ids = batch.get("input_ids");
+  if (c10::isFloatingType(raw_ids.scalar_type()) || raw_ids.dim() != 2)
+    llava::fail(batch_path, "input_ids must be an integer tensor [B,T], got " + std::string(c10::toString(raw_ids.scalar_type())) +
+                                " " + c10::str(raw_ids.sizes()));
+  auto input_ids = raw_ids.to(torch::kInt64);
+  // Ids outside the vocabulary would index past the embedding table; the image token may be -200.
+  const auto& config = loaded.config;
+  auto text_ids = input_ids.masked_select(input_ids != config.image_token_index);
+  if (text_ids.numel() && (text_ids.min().item<int64_t>() < 0 || text_ids.max().item<int64_t>() >= config.text.vocab_size))
+    llava::fail(batch_path, "input_ids holds ids outside the vocabulary [0, " + std::to_string(config.text.vocab_size) + ")");
   auto attention_mask = optional_tensor(batch, "attention_mask");
   auto pixel_values = optional_tensor(batch, "pixel_values");
   auto labels = optional_tensor(batch, "labels");

@@ -127,6 +127,10 @@ int run_infer(int argc, char** argv) {
     prompt = prompt_from_text(args, model_dir, loaded.config, *tokenizer);
   } else {
     prompt = prompt_from_ids(args);
+    for (int64_t id : std::vector<int64_t>(prompt.input_ids.data_ptr<int64_t>(), prompt.input_ids.data_ptr<int64_t>() + prompt.input_ids.numel()))
+      if (id != loaded.config.image_token_index && (id < 0 || id >= loaded.config.text.vocab_size))
+        llava::fail("--input-ids", "id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                                       std::to_string(loaded.config.text.vocab_size) + ")");
   }
   const bool print_text = tokenizer && !args.count("ids");
 

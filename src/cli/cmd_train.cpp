@@ -1,8 +1,10 @@
-// `llava train CONFIG.yaml [--set key=value ...]`: single-process training (stage 1, stage 2 LoRA or a
-// full fine-tune, by the config). Debugging / test outputs, not checkpoints:
+// `llava train CONFIG.yaml [--set key=value ...]`: training (stage 1, stage 2 LoRA or a full fine-tune, by
+// the config), as one process or as every rank of llava-run / torchrun. Debugging / test outputs, not
+// checkpoints:
 //   --init-lora-from DIR      start LoRA A/B from a PEFT adapter dir (adapter_model.safetensors)
-//   --metrics-out FILE.json   every optimizer step's loss, grad_norm, learning_rate, epoch
+//   --metrics-out FILE.json   every optimizer step's loss, grad_norm, learning_rate, epoch; ZeRO state bytes
 //   --save-trainables FILE    the trainable tensors after the last step, as safetensors
+//   --stop-after-steps N, --stop-after-micro-batches N   stop there as if killed (no final save)
 #include <cxxopts.hpp>
 #include <iostream>
 
@@ -41,6 +43,8 @@ int run_train(int argc, char** argv) {
       "save-trainables", "debug/test: write the trained tensors to this .safetensors (not a checkpoint)",
       cxxopts::value<std::string>()->default_value(""))(
       "stop-after-steps", "debug/test: stop after this optimizer step, as if killed (no final save)",
+      cxxopts::value<int64_t>()->default_value("0"))(
+      "stop-after-micro-batches", "debug/test: stop after this many backward passes, as if killed mid-window",
       cxxopts::value<int64_t>()->default_value("0"))("h,help", "show help");
   options.parse_positional({"config"});
   options.positional_help("CONFIG.yaml [--set key=value ...]");
@@ -52,7 +56,8 @@ int run_train(int argc, char** argv) {
   const auto cfg = llava::train::load_train_config(args["config"].as<std::string>(), overrides);
   llava::train::TrainDebugOptions debug{args["init-lora-from"].as<std::string>(), args["metrics-out"].as<std::string>(),
                                         args["save-trainables"].as<std::string>(),
-                                        args["stop-after-steps"].as<int64_t>()};
+                                        args["stop-after-steps"].as<int64_t>(),
+                                        args["stop-after-micro-batches"].as<int64_t>()};
   llava::train::train(cfg, debug, std::cout);
   return 0;
 }

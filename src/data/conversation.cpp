@@ -208,11 +208,13 @@ TokenizedSample tokenize_conversation(Template t, const std::vector<Turn>& raw_t
       s = llava_hf_sample(turns, tok);
       break;
   }
-  if (has_image) {
-    if (std::count(s.input_ids.begin(), s.input_ids.end(), found_id) == 0)
-      throw Error("the record has an image but no <image> in its conversation");
-    expand_images(s, found_id, image);
-  }
+  // One image per record: one <image> (LLaVA moves each turn's to its front, so only turns count).
+  const auto images = std::count_if(s.input_ids.begin(), s.input_ids.end(),
+                                    [&](int64_t id) { return id == found_id || id == image.id; });
+  if (has_image && images == 0) throw Error("the record has an image but no <image> in its conversation");
+  if (images > (has_image ? 1 : 0))
+    throw Error(std::to_string(images) + " <image> tokens in the conversation but " + (has_image ? "one image" : "no image"));
+  if (has_image) expand_images(s, found_id, image);
   if (static_cast<int64_t>(s.input_ids.size()) > max_len) {
     s.input_ids.resize(max_len);
     s.labels.resize(max_len);

@@ -37,6 +37,9 @@ Record parse_record(const json& j, const std::string& where) {
     if (!turn.is_object() || !turn.contains("from") || !turn.contains("value") || !turn["from"].is_string() ||
         !turn["value"].is_string())
       fail(where, "conversations[" + std::to_string(t) + "]: expected {\"from\": str, \"value\": str}");
+    const std::string from = turn["from"].get<std::string>();
+    if (from != "human" && from != "gpt" && from != "user" && from != "assistant")  // LLaVA's roles (+ HF's)
+      fail(where, "conversations[" + std::to_string(t) + "]: \"from\": '" + from + "' is not human or gpt");
     r.turns.push_back({turn["from"].get<std::string>(), turn["value"].get<std::string>()});
     r.modality_length += count_words(r.turns.back().value);
     ++t;
@@ -50,6 +53,7 @@ Record parse_record(const json& j, const std::string& where) {
 std::vector<Record> load_records(const std::vector<std::string>& paths) {
   std::vector<Record> records;
   for (const auto& path : paths) {
+    const size_t before = records.size();
     const std::string text = io::read_file(path);
     const size_t first = text.find_first_not_of(" \t\r\n");
     if (first != std::string::npos && text[first] == '[') {
@@ -76,6 +80,7 @@ std::vector<Record> load_records(const std::vector<std::string>& paths) {
         records.push_back(parse_record(j, where));
       }
     }
+    if (records.size() == before) fail(path, "no records (expected a JSON list of records, or one JSON record per line)");
   }
   return records;
 }

@@ -18,6 +18,8 @@ struct ShimApi {
   decltype(&llava_spm_decode) decode;
   decltype(&llava_spm_id_to_piece) id_to_piece;
   decltype(&llava_spm_piece_to_id) piece_to_id;
+  decltype(&llava_spm_train) train;
+  decltype(&llava_spm_free_bytes) free_bytes;
 };
 
 const ShimApi& shim() {
@@ -40,6 +42,8 @@ const ShimApi& shim() {
     a.decode = reinterpret_cast<decltype(a.decode)>(sym("llava_spm_decode"));
     a.id_to_piece = reinterpret_cast<decltype(a.id_to_piece)>(sym("llava_spm_id_to_piece"));
     a.piece_to_id = reinterpret_cast<decltype(a.piece_to_id)>(sym("llava_spm_piece_to_id"));
+    a.train = reinterpret_cast<decltype(a.train)>(sym("llava_spm_train"));
+    a.free_bytes = reinterpret_cast<decltype(a.free_bytes)>(sym("llava_spm_free_bytes"));
     return a;
   }();
   return api;
@@ -99,6 +103,25 @@ std::string SentencePieceModel::id_to_piece(int id) const {
 
 int SentencePieceModel::piece_to_id(const std::string& piece) const {
   return shim().piece_to_id(handle_, piece.data(), piece.size());
+}
+
+std::string train_sentencepiece(const std::vector<std::string>& sentences,
+                                const std::vector<std::pair<std::string, std::string>>& options,
+                                const std::string& where) {
+  std::vector<const char*> lines;
+  std::vector<size_t> sizes;
+  for (auto& s : sentences) lines.push_back(s.data()), sizes.push_back(s.size());
+  std::vector<const char*> flags;
+  for (auto& [key, value] : options) flags.push_back(key.c_str()), flags.push_back(value.c_str());
+  char* proto = nullptr;
+  size_t proto_size = 0;
+  char err[512] = {0};
+  if (shim().train(lines.data(), sizes.data(), lines.size(), flags.data(), options.size(), &proto, &proto_size, err,
+                   sizeof(err)) != 0)
+    fail(where, std::string("sentencepiece training failed: ") + err);
+  std::string bytes(proto, proto_size);
+  shim().free_bytes(proto);
+  return bytes;
 }
 
 }  // namespace llava::data

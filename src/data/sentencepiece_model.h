@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace llava::data {
@@ -29,5 +30,11 @@ class SentencePieceModel {
   void* handle_ = nullptr;
   std::string where_;
 };
+
+// Trains a model with SentencePieceTrainer on `sentences`; `options` are its flags ({"model_type", "bpe"},
+// {"vocab_size", "300"}, ...). Returns the bytes of a tokenizer.model. Error names `where` and the reason.
+std::string train_sentencepiece(const std::vector<std::string>& sentences,
+                                const std::vector<std::pair<std::string, std::string>>& options,
+                                const std::string& where);
 
 }  // namespace llava::data

@@ -1,7 +1,11 @@
 #include "io/pickle.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
+#include <memory>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "io/error.h"
 
@@ -185,13 +189,18 @@ std::string dumps(const c10::IValue& value, std::vector<torch::Tensor>& storages
 
 namespace {
 
+// State dicts nest a few levels (optimizer.pt: dict > dict > dict > tensor). Anything much deeper is
+// hostile: consumers walk values recursively and the IValue destructors recurse too.
+constexpr int kMaxNesting = 64;
+
 // A stack slot. Globals and the marks live only on the stack; a tuple that holds a global (only the
-// persistent id of a storage does) stays a raw list of items.
+// persistent id of a storage does) stays a raw list of items, shared so that memo copies stay cheap.
 struct Item {
   enum Kind { Value, Global, Mark, RawTuple } kind = Value;
   c10::IValue value;
-  std::string global;        // "module.name" for Global
-  std::vector<Item> items;   // for RawTuple
+  std::string global;                                // "module.name" for Global
+  std::shared_ptr<const std::vector<Item>> items;    // for RawTuple
+  int depth = 0;                                     // for RawTuple: its nesting
 };
 
 class Reader {
@@ -270,18 +279,52 @@ class Reader {
     return items;
   }
 
+  // Containers are identified by their heap object; tensors and scalars have depth 0.
+  static bool is_container(const c10::IValue& v) { return v.isGenericDict() || v.isList() || v.isTuple(); }
+  int depth_of(const Item& item) const {
+    if (item.kind == Item::RawTuple) return item.depth;
+    if (item.kind != Item::Value || !is_container(item.value)) return 0;
+    auto it = depth_.find(item.value.internalToPointer());
+    return it == depth_.end() ? 1 : it->second;
+  }
+  // `child` goes into a container that then has depth at least depth(child) + 1. A container that went into
+  // another one is sealed: changing it later is how a pickle builds cycles (or hides nesting).
+  int adopt(const Item& child) {
+    const int depth = depth_of(child) + 1;
+    if (depth > kMaxNesting) bad("values nest deeper than " + std::to_string(kMaxNesting) + " levels");
+    if (child.kind == Item::Value && is_container(child.value) && sealed_.insert(child.value.internalToPointer()).second)
+      keep_alive_.push_back(child.value);
+    return depth;
+  }
+  void check_not_sealed(const c10::IValue& container) {
+    if (sealed_.count(container.internalToPointer()))
+      bad("a list or dict is changed after it was put into another container (cyclic values are not allowed)");
+  }
+  void grow(const c10::IValue& container, int child_depth) {
+    auto [it, inserted] = depth_.emplace(container.internalToPointer(), 1);
+    if (inserted) keep_alive_.push_back(container);
+    it->second = std::max(it->second, child_depth);
+  }
+
   void make_tuple(std::vector<Item> items) {
     bool plain = true;
-    for (auto& i : items) plain = plain && i.kind == Item::Value;
+    int depth = 1;
+    for (auto& i : items) {
+      plain = plain && i.kind == Item::Value;
+      depth = std::max(depth, adopt(i));
+    }
     if (!plain) {
       Item raw;
       raw.kind = Item::RawTuple;
-      raw.items = std::move(items);
+      raw.items = std::make_shared<const std::vector<Item>>(std::move(items));
+      raw.depth = depth;
       return stack_.push_back(std::move(raw));
     }
     std::vector<c10::IValue> values;
     for (auto& i : items) values.push_back(std::move(i.value));
-    push_value(c10::ivalue::Tuple::create(std::move(values)));
+    auto tuple = c10::IValue(c10::ivalue::Tuple::create(std::move(values)));
+    grow(tuple, depth);
+    push_value(std::move(tuple));
   }
 
   void check_global(const std::string& module, const std::string& name) {
@@ -299,7 +342,7 @@ class Reader {
   void persistent_load() {
     Item pid = pop();
     std::vector<Item> parts;
-    if (pid.kind == Item::RawTuple) parts = std::move(pid.items);
+    if (pid.kind == Item::RawTuple) parts = *pid.items;
     if (parts.size() != 5 || parts[0].kind != Item::Value || !parts[0].value.isString() ||
         parts[0].value.toStringRef() != "storage" || parts[1].kind != Item::Global || !parts[2].value.isString() ||
         !parts[4].value.isInt())
@@ -377,12 +420,16 @@ class Reader {
     if (items.size() % 2) bad("SETITEMS with an odd number of items");
     Item& target = top();
     if (target.kind != Item::Value || !target.value.isGenericDict()) bad("SETITEMS on something that is not a dict");
+    check_not_sealed(target.value);
+    const c10::IValue container = target.value;
     auto dict = target.value.toGenericDict();
     for (size_t i = 0; i < items.size(); i += 2) {
       if (items[i].kind != Item::Value || items[i + 1].kind != Item::Value) bad("dict entry is not a value");
       const auto& key = items[i].value;
       if (!key.isInt() && !key.isString() && !key.isBool() && !key.isDouble() && !key.isNone())
         bad("unsupported dict key type " + key.tagKind());
+      grow(container, adopt(items[i + 1]));
+      check_not_sealed(container);  // the dict went into itself
       dict.insert_or_assign(key, items[i + 1].value);
     }
   }
@@ -390,9 +437,13 @@ class Reader {
   void append_items(std::vector<Item> items) {
     Item& target = top();
     if (target.kind != Item::Value || !target.value.isList()) bad("APPEND on something that is not a list");
+    check_not_sealed(target.value);
+    const c10::IValue container = target.value;
     auto list = target.value.toList();
     for (auto& i : items) {
       if (i.kind != Item::Value) bad("list item is not a value");
+      grow(container, adopt(i));
+      check_not_sealed(container);  // the list went into itself
       list.push_back(i.value);
     }
   }
@@ -506,6 +557,9 @@ class Reader {
   std::vector<Item> stack_;
   std::map<uint64_t, Item> memo_;
   std::map<std::string, torch::Tensor> storages_;
+  std::unordered_map<const void*, int> depth_;  // nesting of every list / dict / tuple built so far
+  std::unordered_set<const void*> sealed_;       // containers already inside another container
+  std::vector<c10::IValue> keep_alive_;          // the containers above, so that no address is reused
 };
 
 }  // namespace

@@ -23,8 +23,13 @@ void save_pt(const std::string& path, const c10::IValue& value) {
   std::vector<torch::Tensor> storages;
   const std::string pickled = pickle::dumps(value, storages);
   write_file_atomic(path, [&](std::FILE* file) {
+    // A short count would make the writer throw, and libtorch 1.13's writer then throws again from its
+    // destructor (std::terminate). So a failed write is remembered and reported after the writer is done.
+    int write_errno = 0;
     auto writer_fn = [&](const void* data, size_t n) -> size_t {
-      return n == 0 ? 0 : std::fwrite(data, 1, n, file);
+      if (n == 0 || write_errno) return n;
+      if (std::fwrite(data, 1, n, file) != n) write_errno = errno ? errno : EIO;
+      return n;
     };
     try {
       // Archive folder "archive/", as torch.save names it when writing to a stream.
@@ -38,6 +43,7 @@ void save_pt(const std::string& path, const c10::IValue& value) {
     } catch (const c10::Error& e) {
       fail(path, std::string("write failed: ") + e.what_without_backtrace());
     }
+    if (write_errno) fail(path, std::string("write failed: ") + std::strerror(write_errno));
   });
 }
 

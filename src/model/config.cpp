@@ -41,6 +41,15 @@ json read_json(const std::string& path) {
   }
 }
 
+// A size from the file: positive (sizes divide other sizes) and below `max`, far above any real LLaVA
+// (34B: hidden 7168, 60 layers, vocab 64000), so that a hostile config cannot make us allocate terabytes.
+int64_t get_size(const json& j, const std::string& key, int64_t fallback, int64_t max, const std::string& where) {
+  const int64_t v = get(j, key, fallback, where);
+  if (v < 1 || v > max)
+    fail(where, "key '" + key + "' = " + std::to_string(v) + " is out of range (1 to " + std::to_string(max) + ")");
+  return v;
+}
+
 void check_activation(const std::string& act, const std::string& where) {
   static const std::set<std::string> known = {"gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu",
                                               "silu", "swish", "relu"};
@@ -52,13 +61,13 @@ VisionConfig parse_vision(const json& j, VisionConfig v, const std::string& wher
   std::string type = get<std::string>(j, "model_type", "clip_vision_model", where);
   if (type != "clip_vision_model")
     fail(where, "vision model_type '" + type + "' is not supported (only clip_vision_model)");
-  v.hidden_size = get(j, "hidden_size", v.hidden_size, where);
-  v.intermediate_size = get(j, "intermediate_size", v.intermediate_size, where);
-  v.num_hidden_layers = get(j, "num_hidden_layers", v.num_hidden_layers, where);
-  v.num_attention_heads = get(j, "num_attention_heads", v.num_attention_heads, where);
-  v.num_channels = get(j, "num_channels", v.num_channels, where);
-  v.image_size = get(j, "image_size", v.image_size, where);
-  v.patch_size = get(j, "patch_size", v.patch_size, where);
+  v.hidden_size = get_size(j, "hidden_size", v.hidden_size, 1 << 16, where);
+  v.intermediate_size = get_size(j, "intermediate_size", v.intermediate_size, 1 << 18, where);
+  v.num_hidden_layers = get_size(j, "num_hidden_layers", v.num_hidden_layers, 1 << 10, where);
+  v.num_attention_heads = get_size(j, "num_attention_heads", v.num_attention_heads, 1 << 10, where);
+  v.num_channels = get_size(j, "num_channels", v.num_channels, 16, where);
+  v.image_size = get_size(j, "image_size", v.image_size, 1 << 13, where);
+  v.patch_size = get_size(j, "patch_size", v.patch_size, v.image_size, where);
   v.hidden_act = get(j, "hidden_act", v.hidden_act, where);
   v.layer_norm_eps = get(j, "layer_norm_eps", v.layer_norm_eps, where);
   check_activation(v.hidden_act, where);
@@ -91,13 +100,13 @@ TextConfig parse_text(const json& j, const std::string& where, bool allow_llava_
   std::string type = get<std::string>(j, "model_type", "llama", where);
   bool ok = type == "llama" || (allow_llava_type && (type == "llava" || type == "llava_llama"));
   if (!ok) fail(where, "text model_type '" + type + "' is not supported (only llama)");
-  t.vocab_size = get(j, "vocab_size", t.vocab_size, where);
-  t.hidden_size = get(j, "hidden_size", t.hidden_size, where);
-  t.intermediate_size = get(j, "intermediate_size", t.intermediate_size, where);
-  t.num_hidden_layers = get(j, "num_hidden_layers", t.num_hidden_layers, where);
-  t.num_attention_heads = get(j, "num_attention_heads", t.num_attention_heads, where);
-  t.num_key_value_heads = get(j, "num_key_value_heads", t.num_attention_heads, where);
-  t.head_dim = get(j, "head_dim", t.hidden_size / t.num_attention_heads, where);
+  t.vocab_size = get_size(j, "vocab_size", t.vocab_size, 1 << 22, where);
+  t.hidden_size = get_size(j, "hidden_size", t.hidden_size, 1 << 16, where);
+  t.intermediate_size = get_size(j, "intermediate_size", t.intermediate_size, 1 << 18, where);
+  t.num_hidden_layers = get_size(j, "num_hidden_layers", t.num_hidden_layers, 1 << 10, where);
+  t.num_attention_heads = get_size(j, "num_attention_heads", t.num_attention_heads, 1 << 10, where);
+  t.num_key_value_heads = get_size(j, "num_key_value_heads", t.num_attention_heads, t.num_attention_heads, where);
+  t.head_dim = get_size(j, "head_dim", t.hidden_size / t.num_attention_heads, 1 << 12, where);
   t.hidden_act = get(j, "hidden_act", t.hidden_act, where);
   t.max_position_embeddings = get(j, "max_position_embeddings", t.max_position_embeddings, where);
   t.rms_norm_eps = get(j, "rms_norm_eps", t.rms_norm_eps, where);

@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -49,6 +50,11 @@ T read_as(const YAML::Node& node, const std::string& key, const std::string& whe
       return static_cast<T>(as_double);
     }
     if (!std::is_same_v<T, std::vector<std::string>> && !node.IsScalar()) throw YAML::Exception({}, "");
+    if constexpr (std::is_floating_point_v<T>) {  // .nan / .inf are YAML floats but no setting's value
+      const T value = node.as<T>();
+      if (!std::isfinite(value)) throw YAML::Exception({}, "");
+      return value;
+    }
     return node.as<T>();
   } catch (const YAML::Exception&) {
     std::string got = node.IsScalar() ? "'" + node.Scalar() + "'" : node.IsSequence() ? "a list" : "a map";

@@ -23,6 +23,9 @@ struct TargetModules {
   bool matches(const std::string& module_path) const;
 };
 
+// LLaVA's default LoRA targets (find_all_linear_names): every Linear of the language model, lm_head aside.
+inline constexpr const char* kLlavaDefaultLoraRegex = R"(model\.language_model\..*)";
+
 struct LoraConfig {
   int64_t r = 8;
   double alpha = 8;

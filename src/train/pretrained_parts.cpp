@@ -1,5 +1,6 @@
 #include "train/pretrained_parts.h"
 
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -73,20 +74,51 @@ std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& 
   return attached;
 }
 
+namespace {
+std::string regex_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) out += std::string(std::strchr(".^$|()[]{}*+?\\", c) ? "\\" : "") + c;
+  return out;
+}
+
+// adapter_config.json's target_modules: what makes PEFT wrap exactly the modules we trained.
+nlohmann::json peft_target_modules(const TargetModules& targets, const std::set<std::string>& suffixes,
+                                   const std::vector<std::string>& module_paths) {
+  // Suffix lists and all-linear mean in PEFT what they mean here (attach_lora follows PEFT on the same
+  // module tree), in either key layout.
+  if (targets.kind == TargetModules::Kind::Suffixes) return targets.suffixes;
+  if (targets.kind == TargetModules::Kind::AllLinear) return "all-linear";
+  std::string alternatives;
+  // LLaVA's default, every LLM Linear: PEFT's regex form (re.fullmatch on the module name) that matches the
+  // language model in both key layouts (model.language_model.* and language_model.model.*). A suffix list
+  // would also wrap the CLIP tower's q_proj/k_proj/v_proj.
+  if (targets.regex == kLlavaDefaultLoraRegex) {
+    for (auto& s : suffixes) alternatives += (alternatives.empty() ? "" : "|") + s;
+    return ".*language_model.*\\.(" + alternatives + ")";
+  }
+  // Any other regex was matched against our module names; spell out the modules it picked, in the base
+  // checkpoint's names, so PEFT wraps exactly those.
+  for (auto& p : module_paths) alternatives += (alternatives.empty() ? "" : "|") + regex_escape(p);
+  return "(" + alternatives + ")";
+}
+}  // namespace
+
 void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& modules, const LoraConfig& config,
                        const model::WeightLayout& layout, const std::string& base_model_name_or_path) {
   checkpoint::PeftLoraAdapter adapter;
   adapter.r = config.r;
   adapter.lora_alpha = config.alpha;
   adapter.use_rslora = config.use_rslora;
-  std::set<std::string> targets;
+  std::set<std::string> suffixes;
+  std::vector<std::string> paths;
   for (auto& m : modules) {
     const std::string path = strip_suffix(model::checkpoint_name(m.path + ".weight", layout), ".weight");
     adapter.modules[path] = {m.adapter->lora_A.detach(), m.adapter->lora_B.detach()};
-    targets.insert(path.substr(path.rfind('.') + 1));  // PEFT lists target module names by suffix
+    suffixes.insert(path.substr(path.rfind('.') + 1));
+    paths.push_back(path);
   }
-  checkpoint::write_peft_lora_adapter(dir, adapter, config.dropout, {targets.begin(), targets.end()},
-                                      base_model_name_or_path);
+  const auto target_modules = peft_target_modules(config.target_modules, suffixes, paths);
+  checkpoint::write_peft_lora_adapter(dir, adapter, config.dropout, target_modules, base_model_name_or_path);
 }
 
 void load_projector_weights(model::LlavaForConditionalGeneration& model, const std::string& path) {

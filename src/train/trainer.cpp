@@ -21,6 +21,7 @@
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
 #include "model/layers.h"
+#include "model/lm_loss.h"
 #include "model/weights.h"
 #include "train/adamw.h"
 #include "train/hf_state.h"
@@ -69,7 +70,7 @@ LoraConfig lora_config_for(const TrainConfig& c) {
     t.suffixes = c.lora_target_modules;
   } else {
     t.kind = TargetModules::Kind::Regex;
-    t.regex = R"(model\.language_model\..*)";
+    t.regex = kLlavaDefaultLoraRegex;
   }
   return l;
 }
@@ -131,8 +132,9 @@ std::vector<ParamGroup> param_groups(const std::vector<Trainable>& trainables, c
 
 // Test hook: LoRA A/B from a PEFT adapter dir (module paths in the checkpoint's layout), so a Python PEFT
 // loop and this trainer start from the same adapters.
-void load_peft_adapters(const std::vector<LoraModule>& lora, const std::string& dir, const model::WeightLayout& layout) {
-  const auto adapter = checkpoint::read_peft_lora_adapter(dir);
+checkpoint::PeftLoraAdapter load_peft_adapters(const std::vector<LoraModule>& lora, const std::string& dir,
+                                               const model::WeightLayout& layout) {
+  auto adapter = checkpoint::read_peft_lora_adapter(dir);
   torch::NoGradGuard no_grad;
   for (auto& m : lora) {
     std::string module = model::checkpoint_name(m.path + ".weight", layout);
@@ -146,6 +148,7 @@ void load_peft_adapters(const std::vector<LoraModule>& lora, const std::string& 
       tensor->copy_(value);
     }
   }
+  return adapter;
 }
 
 // save_on_interrupt: SIGTERM/SIGINT only raise a flag; the loop saves at the end of the current step.
@@ -217,11 +220,17 @@ bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& op
 // must call it; rank 0 writes all but the shard files.
 void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const std::vector<LoraModule>& lora,
                      ShardedAdamW& optimizer, const checkpoint::TrainerState& state, RunSignature signature,
-                     dist::Communicator& comm) {
+                     double next_lr_factor, dist::Communicator& comm) {
   const std::string what = "saving checkpoint-" + std::to_string(state.global_step);
   const bool consolidate = write_consolidated_optimizer(cfg, optimizer);
   std::optional<AdamW> whole;
   if (consolidate) whole = optimizer.consolidated();
+  // torch's LambdaLR steps right after the optimizer, so HF's optimizer.pt / scheduler.pt hold the lr of the
+  // NEXT step, base_lr * schedule(global_step): HF Trainer resumes with exactly that lr.
+  auto set_next_lr = [&](AdamW& a) {
+    for (auto& g : a.groups()) g.lr = g.base_lr * next_lr_factor;
+  };
+  if (whole) set_next_lr(*whole);
   const auto masters = optimizer.sharded() ? decltype(optimizer.master_weights()){} : optimizer.master_weights();
   const auto rng_states = gather_rng_states(comm);
 
@@ -251,13 +260,14 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
       save_full_model(dir, loaded.model, loaded.layout, io::parse_size(cfg.max_shard_size));
     }
     const fs::path base_config = fs::path(cfg.model_name_or_path) / "config.json";
-    if (fs::exists(base_config) && !fs::exists(fs::path(dir) / "config.json"))
-      fs::copy_file(base_config, fs::path(dir) / "config.json");
+    if (fs::exists(base_config) && !fs::exists(fs::path(dir) / "config.json"))  // atomic and fsynced like the rest
+      io::write_file_atomic(dir + "/config.json", io::read_file(base_config.string()));
     if (whole) {
       io::save_pt(dir + "/optimizer.pt", adamw_state_dict(*whole));
       io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(*whole, state.global_step));
     } else {
       AdamW stateless(optimizer.groups(), AdamWOptions{});  // the schedule needs only the groups' lrs
+      set_next_lr(stateless);
       io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(stateless, state.global_step));
     }
     checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
@@ -290,7 +300,18 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
     for (auto& change : check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
   auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
   if (!lora.empty()) {
-    load_peft_adapters(lora, dir, loaded.layout);
+    const auto adapter = load_peft_adapters(lora, dir, loaded.layout);
+    const std::string adapter_config = (fs::path(dir) / "adapter_config.json").string();
+    if (adapter.r != cfg.lora_r || adapter.lora_alpha != cfg.lora_alpha || adapter.use_rslora != cfg.use_rslora)
+      fail(adapter_config, "cannot resume: the adapter has r " + std::to_string(adapter.r) + ", lora_alpha " +
+                               format_float(adapter.lora_alpha) + ", use_rslora " + (adapter.use_rslora ? "true" : "false") +
+                               " but the config says lora_r " + std::to_string(cfg.lora_r) + ", lora_alpha " +
+                               format_float(cfg.lora_alpha) + ", use_rslora " + (cfg.use_rslora ? "true" : "false") +
+                               "; nothing was changed");
+    if (adapter.modules.size() != lora.size())
+      fail(adapter_config, "cannot resume: the adapter holds " + std::to_string(adapter.modules.size()) +
+                               " LoRA modules but this config trains " + std::to_string(lora.size()) +
+                               " (lora_target_modules differ); nothing was changed");
     load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
   } else if (cfg.tune_mm_mlp_adapter) {
     load_projector_weights(loaded.model, (fs::path(dir) / "mm_projector.bin").string());
@@ -320,13 +341,16 @@ int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
 // window. Summed over the window this is the mean token loss of all its micro-batches, which is what
 // transformers >= 4.46 Trainer computes (num_items_in_batch), so a sample's weight does not depend on
 // how the window is cut into micro-batches.
+// lm_head runs only at the scored positions (image rows and the prompt have labels -100), which is
+// the same loss as HF's over all logits without the [B,T,V] logits.
 torch::Tensor micro_batch_loss(model::LlavaForConditionalGeneration& model, const data::Batch& batch,
                                int64_t window_tokens) {
   const bool has_pixels = batch.pixel_values.defined() && batch.pixel_values.size(0) > 0;
-  auto logits = model->forward(batch.input_ids, batch.attention_mask, has_pixels ? batch.pixel_values : torch::Tensor());
+  auto loss = model::scored_causal_lm_loss(model, batch.input_ids, batch.attention_mask,
+                                           has_pixels ? batch.pixel_values : torch::Tensor(), batch.labels);
   const int64_t n = scored_tokens(batch.labels);
-  if (n == 0) return logits.sum() * 0.0;  // keeps the graph; contributes nothing
-  return model::causal_lm_loss(logits, batch.labels) * (static_cast<double>(n) / window_tokens);
+  if (n == 0) return loss;  // 0 that keeps the graph; contributes nothing
+  return loss * (static_cast<double>(n) / window_tokens);
 }
 
 // The HF log line: {'loss': ..., 'grad_norm': ..., 'learning_rate': ..., 'epoch': ...}
@@ -473,6 +497,9 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   Progress progress(log, is_main && is_terminal(main_log), Progress::steady_seconds, terminal_columns(main_log));
   bool stopped = false;  // --stop-after-steps (as if killed right after that step) or save_on_interrupt
   int64_t skipped_steps = 0;  // non-finite steps skipped
+  int64_t micro_batches_run = 0;
+  bool scored_any = false;  // any scored token yet in this run
+  const int64_t first_step = step;
   if (cfg.save_on_interrupt) {
     std::signal(SIGTERM, note_interrupt);
     std::signal(SIGINT, note_interrupt);
@@ -494,12 +521,21 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       for (auto& b : micro_batches) window_tokens += static_cast<double>(scored_tokens(b.labels));
       if (comm.world_size() > 1) comm.allreduce(window_tokens, dist::Reduce::Sum);
       const auto tokens = std::max<int64_t>(static_cast<int64_t>(window_tokens.item<double>()), 1);
+      scored_any = scored_any || window_tokens.item<double>() > 0;
+      if (!scored_any && (step - first_step + 1 >= steps_per_epoch || step + 1 >= max_steps)) {
+        std::string files;  // an epoch (or the whole run) without one token to learn: the data is at fault
+        for (auto& f : cfg.data.data_path) files += (files.empty() ? "" : ", ") + f;
+        throw Error(files + ": no record in a whole epoch has a token to learn (every label is "
+                    "masked: answers missing, or cut off by model_max_length " +
+                    std::to_string(cfg.data.model_max_length) + ")");
+      }
 
       auto loss_sum = torch::zeros({1}, torch::kFloat64);
       for (auto& b : micro_batches) {
         auto l = micro_batch_loss(model, b, tokens);
         if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
         loss_sum += l.item<double>();
+        if (++micro_batches_run == debug.stop_after_micro_batches) return history;  // as if killed here
       }
       if (comm.world_size() > 1) comm.allreduce(loss_sum, dist::Reduce::Sum);
       const double loss = loss_sum.item<double>();
@@ -537,11 +573,11 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         logged_loss = 0;
       }
       if (save_every && step % cfg.save_steps == 0)
-        save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), comm);
+        save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
       if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
       if (cfg.save_on_interrupt && interrupt_requested(comm)) {
         if (!(save_every && step % cfg.save_steps == 0))
-          save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), comm);
+          save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
         progress.log("interrupted by a signal: saved checkpoint-" + std::to_string(step) + ", stopping");
         stopped = true;
       }
@@ -551,7 +587,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   progress.finish();
   // HF Trainer saves at the end too (unless the last step just did).
   if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
-    save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), comm);
+    save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
   if (!debug.metrics_out.empty()) {
     const auto bytes = gather_state_bytes(optimizer, comm);
     if (is_main) write_metrics(debug.metrics_out, history, trainables, optimizer, bytes);

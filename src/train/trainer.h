@@ -19,6 +19,8 @@ struct TrainDebugOptions {
   std::string save_trainables;  // safetensors: the trainable tensors after the last step (canonical names);
                                 // rank R > 0 of a multi-rank run writes <path>.rank<R>
   int64_t stop_after_steps = 0;  // > 0: stop after that optimizer step without the final save (a kill)
+  int64_t stop_after_micro_batches = 0;  // > 0: stop after that many backward passes of this run (a kill
+                                         // in the middle of an accumulation window)
 };
 
 // One optimizer step as HF Trainer reports it.

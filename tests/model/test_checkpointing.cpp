@@ -7,6 +7,7 @@
 
 #include "model/checkpointing.h"
 #include "model/llava.h"
+#include "model/tiny_config.h"
 #include "model/cpu_memory_counter.h"
 
 using namespace llava;
@@ -14,25 +15,7 @@ using model::LlavaForConditionalGeneration;
 
 namespace {
 
-model::LlavaConfig tiny_config() {
-  model::LlavaConfig c;
-  c.vision.hidden_size = 16;
-  c.vision.intermediate_size = 24;
-  c.vision.num_hidden_layers = 2;
-  c.vision.num_attention_heads = 2;
-  c.vision.image_size = 8;
-  c.vision.patch_size = 4;  // 4 patches -> 4 image tokens per image (CLS dropped)
-  c.text.vocab_size = 40;
-  c.text.hidden_size = 16;
-  c.text.intermediate_size = 24;
-  c.text.num_hidden_layers = 3;
-  c.text.num_attention_heads = 4;
-  c.text.num_key_value_heads = 2;
-  c.text.head_dim = 4;
-  c.image_token_index = 39;
-  c.vision_feature_layers = {-1};  // every vision layer runs
-  return c;
-}
+model::LlavaConfig tiny_config() { return test::tiny_llava_config(/*text_layers=*/3); }
 
 LlavaForConditionalGeneration random_model(const model::LlavaConfig& c, c10::ScalarType dtype = torch::kFloat32) {
   torch::manual_seed(0);

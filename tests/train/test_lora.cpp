@@ -4,31 +4,14 @@
 
 #include "io/error.h"
 #include "model/llava.h"
+#include "model/tiny_config.h"
 #include "train/lora.h"
 
 using namespace llava;
 
 namespace {
 
-model::LlavaConfig tiny_config() {
-  model::LlavaConfig c;
-  c.vision.hidden_size = 16;
-  c.vision.intermediate_size = 24;
-  c.vision.num_hidden_layers = 2;
-  c.vision.num_attention_heads = 2;
-  c.vision.image_size = 8;
-  c.vision.patch_size = 4;
-  c.text.vocab_size = 40;
-  c.text.hidden_size = 16;
-  c.text.intermediate_size = 24;
-  c.text.num_hidden_layers = 2;
-  c.text.num_attention_heads = 4;
-  c.text.num_key_value_heads = 2;
-  c.text.head_dim = 4;
-  c.image_token_index = 39;
-  c.vision_feature_layers = {-1};
-  return c;
-}
+model::LlavaConfig tiny_config() { return test::tiny_llava_config(); }
 
 // Parameters are allocated uninitialized; give them values.
 model::LlavaForConditionalGeneration tiny_model() {

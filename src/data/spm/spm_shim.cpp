@@ -1,9 +1,13 @@
 #include "spm_shim.h"
 
 #include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 using sentencepiece::SentencePieceProcessor;
@@ -14,6 +18,27 @@ long copy_out(const std::string& s, char* out, size_t cap) {
   std::memcpy(out, s.data(), std::min(cap, s.size()));
   return static_cast<long>(s.size());
 }
+
+void write_error(const std::string& msg, char* err, size_t err_cap) {
+  if (err_cap == 0) return;
+  const size_t n = std::min(msg.size(), err_cap - 1);
+  std::memcpy(err, msg.data(), n);
+  err[n] = '\0';
+}
+
+// The trainer pulls sentences from memory rather than from an input file.
+class Sentences : public sentencepiece::SentenceIterator {
+ public:
+  explicit Sentences(std::vector<std::string> lines) : lines_(std::move(lines)) {}
+  bool done() const override { return next_ >= lines_.size(); }
+  void Next() override { ++next_; }
+  const std::string& value() const override { return lines_[next_]; }
+  sentencepiece::util::Status status() const override { return sentencepiece::util::Status(); }
+
+ private:
+  std::vector<std::string> lines_;
+  size_t next_ = 0;
+};
 
 }  // namespace
 
@@ -72,4 +97,34 @@ long llava_spm_id_to_piece(const void* model, int id, char* out, size_t cap) {
 int llava_spm_piece_to_id(const void* model, const char* piece, size_t size) {
   return static_cast<const SentencePieceProcessor*>(model)->PieceToId(std::string(piece, size));
 }
+
+int llava_spm_train(const char* const* sentences, const size_t* sizes, size_t n, const char* const* options,
+                    size_t n_options, char** proto, size_t* proto_size, char* err, size_t err_cap) {
+  std::string model;
+  try {  // no C++ exception may cross the C boundary
+    std::vector<std::string> lines;
+    for (size_t i = 0; i < n; ++i) lines.emplace_back(sentences[i], sizes[i]);
+    std::unordered_map<std::string, std::string> kwargs;
+    for (size_t i = 0; i < n_options; ++i) kwargs[options[2 * i]] = options[2 * i + 1];
+    Sentences iterator(std::move(lines));
+    auto status = sentencepiece::SentencePieceTrainer::Train(kwargs, &iterator, &model);
+    if (!status.ok()) {
+      write_error(status.ToString(), err, err_cap);
+      return -1;
+    }
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_cap);
+    return -1;
+  }
+  *proto = static_cast<char*>(std::malloc(model.size()));
+  if (!*proto) {
+    write_error("out of memory", err, err_cap);
+    return -1;
+  }
+  std::memcpy(*proto, model.data(), model.size());
+  *proto_size = model.size();
+  return 0;
+}
+
+void llava_spm_free_bytes(char* bytes) { std::free(bytes); }
 }

@@ -16,4 +16,10 @@ long llava_spm_encode(const void* model, const char* text, size_t size, int64_t*
 long llava_spm_decode(const void* model, const int* ids, size_t n, char* out, size_t cap);
 long llava_spm_id_to_piece(const void* model, int id, char* out, size_t cap);
 int llava_spm_piece_to_id(const void* model, const char* piece, size_t size);
+// Trains a model on `n` sentences with SentencePieceTrainer options given as `n_options` key/value pairs
+// (its flag names, e.g. "model_type", "bpe"). On success returns 0 and a malloc'ed serialized model in
+// *proto / *proto_size (release it with llava_spm_free_bytes); on failure -1 with the reason in err.
+int llava_spm_train(const char* const* sentences, const size_t* sizes, size_t n, const char* const* options,
+                    size_t n_options, char** proto, size_t* proto_size, char* err, size_t err_cap);
+void llava_spm_free_bytes(char* bytes);
 }

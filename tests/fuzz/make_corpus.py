@@ -1,0 +1,151 @@
+"""Writes the seed corpus of every fuzz target into corpus/<target>/ (small valid and near-valid files made
+by the reference writers: safetensors, torch.save, transformers' configs), and the regression inputs of
+the crashes fuzzing found (regress-*). Run with the oracle venv: .venv/bin/python tests/fuzz/make_corpus.py.
+The files are committed; rerunning rewrites them identically."""
+import collections
+import io
+import json
+import os
+import shutil
+import struct
+import sys
+import zipfile
+
+import torch
+from safetensors.torch import save as st_save
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tests", "oracle"))
+
+
+def target(name):
+    d = os.path.join(HERE, "corpus", name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
+
+
+def put(d, name, data):
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+
+
+def torch_save_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def zip_pt(pkl):
+    """A torch.save-style archive around a hand-written data.pkl (fixed timestamps: reproducible bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name, data in [("archive/data.pkl", pkl), ("archive/byteorder", b"little"), ("archive/version", b"3\n")]:
+            z.writestr(zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0)), data)
+    return buf.getvalue()
+
+
+def data_pkl(pt_bytes):
+    with zipfile.ZipFile(io.BytesIO(pt_bytes)) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+# Hostile pickles that crashed or hung io::load_pt before the reader bounded nesting and sharing.
+def regressions():
+    storage_global = b"ctorch\nFloatStorage\n"
+    doubling = storage_global + b"\x85q\x00" + b"h\x00h\x00\x86q\x00" * 40 + b"0N."  # 2^40 copies of a raw tuple
+    return {
+        "regress-cycle": b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.",            # a dict that holds itself
+        "regress-list-cycle": b"\x80\x02]q\x00h\x00a.",                          # a list that holds itself
+        "regress-deep-tuple": b"\x80\x02N" + b"\x85" * 100000 + b".",            # 100k nested 1-tuples
+        "regress-deep-list": b"\x80\x02" + b"]" * 50000 + b"a" * 49999 + b".",  # 50k nested lists
+        "regress-doubling-raw-tuple": b"\x80\x02" + doubling,
+    }
+
+
+def safetensors_seeds():
+    d = target("safetensors")
+    put(d, "f32_i64", st_save({"w": torch.arange(6, dtype=torch.float32).view(2, 3), "n": torch.tensor([7, 8])}))
+    put(d, "bf16_meta", st_save({"x": torch.ones(2, 2, dtype=torch.bfloat16)}, metadata={"format": "pt"}))
+    put(d, "mixed", st_save({"a": torch.zeros(3, dtype=torch.float16), "b": torch.tensor([True, False]),
+                             "c": torch.zeros(0, 4), "d": torch.tensor(1.5, dtype=torch.float64),
+                             "e": torch.tensor([1, 2], dtype=torch.int8)}))
+    put(d, "empty", st_save({}))
+    header = b'{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    put(d, "hand_written", struct.pack("<Q", len(header)) + header + b"\0" * 8)
+
+
+def sharded_index_seeds():
+    d = target("sharded_index")  # the fuzz target writes the shards: a, b in shard 1, c in shard 2
+    shard1, shard2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    put(d, "full", json.dumps({"metadata": {"total_size": 62}, "weight_map": {"a": shard1, "b": shard1, "c": shard2}}))
+    put(d, "one", json.dumps({"weight_map": {"c": shard2}}))
+    put(d, "indented", json.dumps({"metadata": {}, "weight_map": {"a": shard1, "b": shard1}}, indent=2))
+
+
+def torch_seeds():
+    state = collections.OrderedDict(weight=torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+                                    bias=torch.zeros(3, dtype=torch.float16), steps=torch.tensor(5))
+    base = torch.arange(8.0)
+    optimizer_like = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}},
+                      "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                                        "amsgrad": False, "params": [0], "name": None}]}
+    values = {"state_dict": state, "optimizer": optimizer_like,
+              "views": {"whole": base, "slice": base[2:6], "strided": base[::2], "t": base.view(2, 4).t()},
+              "scalars": [1, -2, 2**40, 1.5, "text", True, None, (1, 2, 3, 4)],
+              "dtypes": [torch.zeros(2, dtype=t) for t in (torch.bfloat16, torch.int32, torch.int16, torch.uint8,
+                                                           torch.bool, torch.float64, torch.int8)]}
+    d_pt, d_pkl = target("torch_archive"), target("pickle")
+    for name, obj in values.items():
+        pt = torch_save_bytes(obj)
+        put(d_pt, name + ".pt", pt)
+        put(d_pkl, name + ".pkl", data_pkl(pt))
+    put(d_pt, "parameter.pt", torch_save_bytes({"p": torch.nn.Parameter(torch.ones(2))}))
+    for name, pkl in regressions().items():
+        put(d_pkl, name + ".pkl", pkl)
+        put(d_pt, name + ".pt", zip_pt(pkl))
+
+
+def model_config_seeds():
+    import tiny_llava
+    d = target("model_config")
+    config = tiny_llava.make_config()
+    put(d, "hf_llava.json", config.to_json_string())
+    put(d, "hf_full_strategy.json", tiny_llava.make_config(strategy="full", feature_layer=[-2, -1], rope_linear_factor=2.0,
+                                                           kv_heads=2, tie=True).to_json_string())
+    put(d, "hf_sparse.json", json.dumps({"model_type": "llava", "text_config": {"model_type": "llama", "hidden_size": 64},
+                                         "vision_config": {"patch_size": 14, "image_size": 336}}))
+    put(d, "original_llava.json", json.dumps(tiny_llava.original_config_dict(config, "clip"), indent=2))
+
+
+def train_config_seeds():
+    d = target("train_config")
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        if name.startswith("llava-1.5") and name.endswith(".yaml"):
+            shutil.copy(os.path.join(ROOT, "configs", name), os.path.join(d, name))
+    put(d, "small.yaml", "model_name_or_path: model\ndata_path: [a.json, b.jsonl]\noutput_dir: out\n"
+                         "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1.0e-5}\n"
+                         "lora_enable: true\nlora_target_modules: [q_proj, v_proj]\nmax_steps: 10\nsave_steps: 5\n")
+
+
+def data_record_seeds():
+    d = target("data_record")
+    recs = [{"id": "0", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                            {"from": "gpt", "value": "A cat."}]},
+            {"id": 7, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."},
+                                        {"from": "human", "value": "More?"}, {"from": "gpt", "value": "No."}]},
+            {"id": "2", "image": None, "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": ""}]}]
+    put(d, "list.json", json.dumps(recs, indent=1))
+    put(d, "lines.jsonl", "\n".join(json.dumps(r) for r in recs) + "\n\n")
+
+
+if __name__ == "__main__":
+    safetensors_seeds()
+    sharded_index_seeds()
+    torch_seeds()
+    model_config_seeds()
+    train_config_seeds()
+    data_record_seeds()
+    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(HERE, "corpus")) for f in fs)
+    print(f"corpus: {total} bytes")
