@@ -86,7 +86,8 @@ nlohmann::json peft_target_modules(const TargetModules& targets, const std::set<
                                    const std::vector<std::string>& module_paths) {
   // Suffix lists and all-linear mean in PEFT what they mean here (attach_lora follows PEFT on the same
   // module tree), in either key layout.
-  if (targets.kind == TargetModules::Kind::Suffixes) return targets.suffixes;
+  if (targets.kind == TargetModules::Kind::Suffixes)  // none given (adapters loaded from files): theirs
+    return targets.suffixes.empty() ? std::vector<std::string>(suffixes.begin(), suffixes.end()) : targets.suffixes;
   if (targets.kind == TargetModules::Kind::AllLinear) return "all-linear";
   std::string alternatives;
   // LLaVA's default, every LLM Linear: PEFT's regex form (re.fullmatch on the module name) that matches the

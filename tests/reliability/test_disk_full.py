@@ -34,7 +34,7 @@ def world(tmp_path_factory):
                                           {"from": "gpt", "value": answer}]})
     (root / "data.json").write_text(json.dumps(records))
     settings = {"model_name_or_path": str(model_dir), "data_path": str(root / "data.json"),
-                "image_folder": str(images), "version": "v1", "model_max_length": 96,
+                "image_folder": str(images), "version": "v1", "model_max_length": 128,
                 "per_device_train_batch_size": 2, "tune_mm_mlp_adapter": True, "learning_rate": 1e-2,
                 "max_steps": 4, "save_steps": 2, "seed": 5, "logging_steps": 1}
     world = {"root": root, "settings": settings}
@@ -56,14 +56,9 @@ def train(world, name, env_budget=None, **extra):
 
 
 def written_in_order(world, ckpt):
-    """The checkpoint's files that went through our writers, in the order they were written (each is
-    renamed into place when complete, so mtimes order them). Copies of the base model's files (config.json)
-    are made outside the writers and do not count against the budget."""
-    model_dir = world["settings"]["model_name_or_path"]
-    files = [p for p in ckpt.iterdir()
-             if not (os.path.exists(os.path.join(model_dir, p.name)) and
-                     open(os.path.join(model_dir, p.name), "rb").read() == p.read_bytes())]
-    return [p.name for p in sorted(files, key=lambda p: p.stat().st_mtime_ns)]
+    """The checkpoint's files in the order they were written: every one goes through our atomic writer
+    (config.json too) and is renamed into place when complete, so mtimes order them."""
+    return [p.name for p in sorted(ckpt.iterdir(), key=lambda p: p.stat().st_mtime_ns)]
 
 
 def sizes(ckpt, names):
