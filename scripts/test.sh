@@ -22,7 +22,7 @@ for dir in build build-torch2 build-asan; do
   total_pass=$((total_pass + total - failed)); total_fail=$((total_fail + failed))
 done
 echo "== fuzz"
-FUZZ_SECONDS=${FUZZ_SECONDS:-30} scripts/fuzz.sh 2>&1 | tee build-fuzz/fuzz.log
+FUZZ_SECONDS=${FUZZ_SECONDS:-60} scripts/fuzz.sh 2>&1 | tee build-fuzz/fuzz.log
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 summary=$(grep -E "^fuzz: [0-9]+ passed, [0-9]+ failed" build-fuzz/fuzz.log | tail -1)
 if [ -n "$summary" ]; then
