@@ -1,5 +1,6 @@
 #include "model/config.h"
 
+#include <cmath>
 #include <filesystem>
 #include <set>
 
@@ -19,6 +20,15 @@ template <class T>
 T get(const json& j, const std::string& key, T fallback, const std::string& where) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    // nlohmann converts a float to an integer with a plain cast: out of range that is undefined behaviour.
+    if (it->is_number_float()) {
+      const double v = it->get<double>();
+      if (!(std::abs(v) < 4.6e18) || v != std::floor(v))
+        fail(where, "key '" + key + "' must be an integer, got " + it->dump());
+      return static_cast<T>(v);
+    }
+  }
   try {
     return it->get<T>();
   } catch (const json::exception&) {
