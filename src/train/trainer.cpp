@@ -187,11 +187,13 @@ std::vector<torch::Tensor> gather_rng_states(dist::Communicator& comm) {
   return out;
 }
 
-// Runs `write` on rank 0 and tells every rank whether it worked, so a failed save ends every rank with
-// the same clear error instead of leaving the others waiting in the next collective.
-void on_rank0_for_all(dist::Communicator& comm, const std::string& what, const std::function<void()>& write) {
+// Runs `write` on the ranks given (`on_every_rank`, or rank 0 only) and tells every rank whether it
+// worked everywhere, so a failed save ends every rank with the same clear error instead of leaving the
+// others waiting in the next collective.
+void write_on_ranks(dist::Communicator& comm, const std::string& what, bool on_every_rank,
+                    const std::function<void()>& write) {
   std::string error;
-  if (comm.rank() == 0) {
+  if (on_every_rank || comm.rank() == 0) {
     try {
       write();
     } catch (const std::exception& e) {
@@ -201,7 +203,7 @@ void on_rank0_for_all(dist::Communicator& comm, const std::string& what, const s
   auto failed = torch::full({1}, error.empty() ? 0.0f : 1.0f);
   if (comm.world_size() > 1) comm.allreduce(failed, dist::Reduce::Sum);
   if (!error.empty()) throw Error(error);
-  if (failed.item<float>() > 0) throw Error(what + " failed on rank 0 (see its error)");
+  if (failed.item<float>() > 0) throw Error(what + " failed on another rank (see its error)");
 }
 
 // Whether optimizer.pt (the whole state, gathered on every rank) is written: always without sharding;
@@ -235,21 +237,12 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
   const auto rng_states = gather_rng_states(comm);
 
   std::optional<checkpoint::PendingCheckpoint> pending;  // rank 0's; removed unless committed
-  on_rank0_for_all(comm, what, [&] { pending.emplace(cfg.output_dir, state.global_step); });
+  write_on_ranks(comm, what, /*on_every_rank=*/false, [&] { pending.emplace(cfg.output_dir, state.global_step); });
   const std::string dir = (fs::path(cfg.output_dir) / (".checkpoint-" + std::to_string(state.global_step) + ".partial")).string();
-  if (optimizer.sharded()) {
-    std::string error;  // every rank writes its own shard into rank 0's partial folder
-    try {
-      write_zero_shard(dir, comm.rank(), comm.world_size(), optimizer.local_ranges());
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    auto failed = torch::full({1}, error.empty() ? 0.0f : 1.0f);
-    comm.allreduce(failed, dist::Reduce::Sum);
-    if (!error.empty()) throw Error(error);
-    if (failed.item<float>() > 0) throw Error(what + ": another rank could not write its ZeRO shard");
-  }
-  on_rank0_for_all(comm, what, [&] {
+  if (optimizer.sharded())  // every rank writes its own shard into rank 0's partial folder
+    write_on_ranks(comm, what, /*on_every_rank=*/true,
+                   [&] { write_zero_shard(dir, comm.rank(), comm.world_size(), optimizer.local_ranges()); });
+  write_on_ranks(comm, what, /*on_every_rank=*/false, [&] {
     if (pending->dir() != dir) throw Error(what + ": unexpected partial folder " + pending->dir());
     if (!lora.empty()) {
       save_lora_adapter(dir, lora, lora_config_for(cfg), loaded.layout, cfg.model_name_or_path);
