@@ -1,4 +1,6 @@
 // `llava <command> [args]`: dispatch to the registered subcommands; every failure is one clear line.
+#include <malloc.h>
+
 #include <algorithm>
 #include <exception>
 #include <iostream>
@@ -21,7 +23,18 @@ static void print_usage(std::ostream& out) {
   out << "\nRun `llava <command> --help` for the options of one command.\n";
 }
 
+// A training step allocates and frees the same tensors every step. By default glibc hands big blocks back
+// to the kernel when they are freed (mmap'd chunks, heap trimming), so every step faults the same memory
+// in again as fresh zeroed pages: 4-7% of a step's CPU time on the bench model. Keeping freed memory in
+// the heap lets the next step reuse it; the process's peak is what it was, it just stays mapped.
+static void keep_freed_memory_for_reuse() {
+  constexpr int kOneGiB = 1 << 30;
+  mallopt(M_MMAP_THRESHOLD, kOneGiB);  // only blocks above 1 GiB get their own mapping
+  mallopt(M_TRIM_THRESHOLD, kOneGiB);  // keep up to 1 GiB free at the heap's top
+}
+
 int main(int argc, char** argv) {
+  keep_freed_memory_for_reuse();
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     print_usage(argc < 2 ? std::cerr : std::cout);
     return argc < 2 ? 2 : 0;

@@ -1,6 +1,7 @@
 #include "model/layers.h"
 
 #include "io/error.h"
+#include "io/torch_compat.h"
 
 namespace llava::model {
 
@@ -35,11 +36,6 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& o
   weight = register_parameter("weight", torch::empty({dim}, options));
 }
 
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto x32 = x.to(torch::kFloat32);
-  auto variance = x32.pow(2).mean(-1, /*keepdim=*/true);
-  auto normed = x32 * torch::rsqrt(variance + eps);
-  return weight * normed.to(x.scalar_type());
-}
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return compat::rms_norm(x, weight, eps); }
 
 }  // namespace llava::model

@@ -72,6 +72,37 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
   return o_proj(out.transpose(1, 2).reshape({b, t, num_heads * head_dim}));
 }
 
+torch::Tensor LlamaAttentionImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                               const AttentionMask& mask, const torch::Tensor& rows) {
+  const int64_t b = x.size(0), t = x.size(1), n = rows.size(0);
+  auto heads = [&](const torch::Tensor& y, int64_t count) { return y.view({b, t, count, head_dim}).transpose(1, 2); };
+  auto pick = [&](const torch::Tensor& y) { return y.reshape({b * t, y.size(-1)}).index_select(0, rows); };  // [N,*]
+  auto k = apply_rope(heads(k_proj(x), num_kv_heads), cos, sin);  // [B,kv,T,d]
+  auto v = heads(v_proj(x), num_kv_heads);                          // [B,kv,T,d]
+  // The N queries as one sequence of batch 1, each rotated by its own position: [1,h,N,d].
+  auto q = q_proj(pick(x)).view({1, n, num_heads, head_dim}).transpose(1, 2);
+  q = apply_rope(q, pick(cos).unsqueeze(0), pick(sin).unsqueeze(0));
+  // Rows are ascending, so each batch element's rows are one run; they see that element's keys only.
+  const auto batch_of = torch::div(rows, t, "floor");
+  const auto position = rows - batch_of * t;
+  const auto counts = torch::bincount(batch_of, {}, b);
+  const int64_t n_rep = num_heads / num_kv_heads;
+  std::vector<torch::Tensor> outs;  // [1,h,n_i,d] each
+  for (int64_t i = 0, first = 0; i < b; ++i) {
+    const int64_t count = counts[i].item<int64_t>();
+    if (count == 0) continue;
+    const auto pos = position.narrow(0, first, count);
+    auto out = compat::attention(q.narrow(2, first, count), repeat_kv(k.narrow(0, i, 1), n_rep),
+                                 repeat_kv(v.narrow(0, i, 1), n_rep), mask.additive.narrow(0, i, 1).index_select(2, pos),
+                                 1.0 / std::sqrt(static_cast<double>(head_dim)));
+    if (mask.live_rows.defined())
+      out = out.masked_fill(mask.live_rows.narrow(0, i, 1).index_select(2, pos).logical_not(), 0);
+    outs.push_back(out);
+    first += count;
+  }
+  return o_proj(torch::cat(outs, 2).transpose(1, 2).reshape({n, num_heads * head_dim}));  // [N,H]
+}
+
 LlamaMlpImpl::LlamaMlpImpl(const TextConfig& c, const torch::TensorOptions& options) : act(c.hidden_act) {
   gate_proj = register_module("gate_proj", Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, options));
   up_proj = register_module("up_proj", Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, options));
@@ -94,6 +125,14 @@ torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch
                                              const torch::Tensor& sin, const AttentionMask& mask, KVCache* cache,
                                              size_t layer_index) {
   auto h = x + self_attn(input_layernorm(x), cos, sin, mask, cache, layer_index);
+  return h + mlp(post_attention_layernorm(h));
+}
+
+torch::Tensor LlamaDecoderLayerImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& cos,
+                                                  const torch::Tensor& sin, const AttentionMask& mask,
+                                                  const torch::Tensor& rows) {
+  auto h = x.reshape({-1, x.size(-1)}).index_select(0, rows) +
+           self_attn->forward_rows(input_layernorm(x), cos, sin, mask, rows);  // [N,H]
   return h + mlp(post_attention_layernorm(h));
 }
 
@@ -137,6 +176,12 @@ AttentionMask causal_mask(const torch::Tensor& attention_mask, int64_t batch, in
   return mask;
 }
 
+torch::Tensor LlamaModelImpl::run_layer(size_t index, const torch::Tensor& h,
+                                        const std::function<torch::Tensor(const torch::Tensor&)>& fn, bool recompute) {
+  if (!recompute) return fn(h);
+  return checkpoint(fn, h, has_trainable_state(*layers->ptr<LlamaDecoderLayerImpl>(index)));
+}
+
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
                                       const torch::Tensor& position_ids, KVCache* cache) {
   int64_t b = inputs_embeds.size(0), t = inputs_embeds.size(1);
@@ -152,15 +197,31 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const 
   auto h = inputs_embeds;  // [B,T,H]
   for (size_t i = 0; i < layers->size(); ++i) {
     auto layer = layers->ptr<LlamaDecoderLayerImpl>(i);
-    if (!recompute) {
-      h = layer->forward(h, cos, sin, mask, cache, i);
-      continue;
-    }
-    // Captured by value: the backward pass replays this after forward() has returned.
-    auto run_layer = [layer, cos = cos, sin = sin, mask, i](const torch::Tensor& x) {
-      return layer->forward(x, cos, sin, mask, nullptr, i);
-    };
-    h = checkpoint(run_layer, h, has_trainable_state(*layer));
+    // Captured by value: with checkpointing the backward pass replays this after forward() has returned.
+    h = run_layer(i, h, [layer, cos = cos, sin = sin, mask, cache, i](const torch::Tensor& x) {
+      return layer->forward(x, cos, sin, mask, cache, i);
+    }, recompute);
+  }
+  return norm(h);
+}
+
+torch::Tensor LlamaModelImpl::forward_rows(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
+                                           const torch::Tensor& rows) {
+  const int64_t b = inputs_embeds.size(0), t = inputs_embeds.size(1);
+  const auto dtype = inputs_embeds.scalar_type();
+  const auto device = inputs_embeds.device();
+  auto positions = torch::arange(t, torch::TensorOptions().dtype(torch::kInt64).device(device)).unsqueeze(0).expand({b, t});
+  auto [cos, sin] = rope.tables(positions, dtype);
+  auto mask = causal_mask(attention_mask, b, t, /*past_len=*/0, dtype, device);
+  const bool recompute = checkpointing_active(*this, gradient_checkpointing);
+  if (layers->size() == 0) return norm(inputs_embeds.reshape({b * t, -1}).index_select(0, rows));
+  const size_t last = layers->size() - 1;
+  auto h = inputs_embeds;  // [B,T,H], then [N,H] after the last layer
+  for (size_t i = 0; i <= last; ++i) {
+    auto layer = layers->ptr<LlamaDecoderLayerImpl>(i);
+    h = run_layer(i, h, [layer, cos = cos, sin = sin, mask, rows, i, last](const torch::Tensor& x) {
+      return i < last ? layer->forward(x, cos, sin, mask, nullptr, i) : layer->forward_rows(x, cos, sin, mask, rows);
+    }, recompute);
   }
   return norm(h);
 }

@@ -1,6 +1,7 @@
 // The Llama decoder (HF LlamaModel): embeddings, pre-RMSNorm layers with RoPE + grouped-query attention
 // and a gated MLP, final RMSNorm. The lm_head lives in LlavaForConditionalGeneration.
 #pragma once
+#include <functional>
 #include <vector>
 
 #include <torch/torch.h>
@@ -40,6 +41,10 @@ class LlamaAttentionImpl : public torch::nn::Module {
   // x [B,T,H]; mask: see AttentionMask; cache appended when given.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const struct AttentionMask& mask, KVCache* cache, size_t layer_index);
+  // forward(x, ...).reshape({B*T, H}).index_select(0, rows), computing queries, attention and o_proj for
+  // those rows only (keys and values still cover every position). rows [N] int64 ascending, into B*T.
+  torch::Tensor forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const struct AttentionMask& mask, const torch::Tensor& rows);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   int64_t num_heads, num_kv_heads, head_dim;
 };
@@ -59,6 +64,9 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
   LlamaDecoderLayerImpl(const TextConfig& c, const torch::TensorOptions& options);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const AttentionMask& mask, KVCache* cache, size_t layer_index);
+  // The output at `rows` only ([N,H]; see LlamaAttentionImpl::forward_rows).
+  torch::Tensor forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const AttentionMask& mask, const torch::Tensor& rows);
   LlamaAttention self_attn{nullptr};
   LlamaMlp mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
@@ -74,6 +82,13 @@ class LlamaModelImpl : public torch::nn::Module {
   // Returns the final-normed hidden states [B,T,H].
   torch::Tensor forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
                         const torch::Tensor& position_ids, KVCache* cache);
+  // forward(inputs_embeds, attention_mask, {}, nullptr).reshape({B*T, H}).index_select(0, rows) -> [N,H],
+  // rows [N] int64 ascending into the flattened B*T positions. Attention is causal, so nothing downstream
+  // of the last layer's keys and values mixes positions: that layer runs its queries, attention, o_proj
+  // and MLP, and the final norm, for the N rows only. Training scores few positions (the answers), so
+  // this skips most of the last layer.
+  torch::Tensor forward_rows(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
+                             const torch::Tensor& rows);
 
   Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers;
@@ -83,6 +98,11 @@ class LlamaModelImpl : public torch::nn::Module {
   // Recompute each decoder layer in the backward pass (model/checkpointing.h); only in training mode with
   // grad enabled and without a KV cache, like HF.
   bool gradient_checkpointing = false;
+
+ private:
+  // Runs `layer` on h, recomputed in backward when activation checkpointing is active.
+  torch::Tensor run_layer(size_t index, const torch::Tensor& h, const std::function<torch::Tensor(const torch::Tensor&)>& fn,
+                          bool recompute);
 };
 TORCH_MODULE(LlamaModel);
 

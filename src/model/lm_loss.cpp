@@ -10,13 +10,13 @@ torch::Tensor scored_causal_lm_loss(LlavaForConditionalGeneration& model, const 
   if (labels.sizes() != input_ids.sizes())
     fail("labels", "expected " + c10::str(input_ids.sizes()) + ", got " + c10::str(labels.sizes()));
   auto embeds = model->model->input_embeddings(input_ids, pixel_values);
-  auto hidden = model->model->language_model->forward(embeds, attention_mask, {}, nullptr);  // [B,T,H]
   const int64_t T = labels.size(1);
   // Position t predicts labels[:, t+1]; the last position predicts nothing.
   auto targets = torch::constant_pad_nd(labels.to(torch::kInt64), {0, 1}, -100).narrow(1, 1, T).reshape({-1});  // [B*T]
   auto scored = targets.ne(-100).nonzero().squeeze(1);  // [N]
-  if (scored.numel() == 0) return (hidden.sum() * 0.0).to(torch::kFloat32);
-  auto rows = hidden.reshape({-1, hidden.size(-1)}).index_select(0, scored);  // [N,H]
+  auto& llm = model->model->language_model;
+  if (scored.numel() == 0) return (llm->forward(embeds, attention_mask, {}, nullptr).sum() * 0.0).to(torch::kFloat32);
+  auto rows = llm->forward_rows(embeds, attention_mask, scored);  // [N,H]
   auto logits = model->lm_head ? model->lm_head(rows) : torch::nn::functional::linear(rows, model->lm_head_weight());  // [N,V]
   return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), targets.index_select(0, scored));
 }

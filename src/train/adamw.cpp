@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "io/torch_compat.h"
+
 namespace llava::train {
 
 AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options)
@@ -11,30 +13,47 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options)
 
 void AdamW::step() {
   torch::NoGradGuard no_grad;
-  const double beta1 = options_.beta1, beta2 = options_.beta2;
   for (size_t g = 0; g < groups_.size(); ++g) {
     const ParamGroup& group = groups_[g];
+    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+    std::vector<int64_t> steps;
     for (size_t i = 0; i < group.params.size(); ++i) {
-      torch::Tensor param = group.params[i];
-      torch::Tensor grad = param.grad();
-      if (!grad.defined()) continue;
+      const torch::Tensor& param = group.params[i];
+      if (!param.grad().defined()) continue;
       AdamState& s = state_[g][i];
       if (!s.initialized()) {
         s.exp_avg = torch::zeros_like(param, torch::MemoryFormat::Preserve);
         s.exp_avg_sq = torch::zeros_like(param, torch::MemoryFormat::Preserve);
       }
       s.step += 1;
-      // Same op order as torch's _single_tensor_adam with decoupled weight decay.
-      if (group.weight_decay != 0) param.mul_(1 - group.lr * group.weight_decay);
-      s.exp_avg.lerp_(grad, 1 - beta1);
-      s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
-      const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(s.step));
-      const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(s.step));
-      const double step_size = group.lr / bias_correction1;
-      auto denom = (s.exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options_.eps);
-      param.addcdiv_(s.exp_avg, denom, -step_size);
+      params.push_back(param);
+      grads.push_back(param.grad());
+      exp_avgs.push_back(s.exp_avg);
+      exp_avg_sqs.push_back(s.exp_avg_sq);
+      steps.push_back(s.step);
     }
+    if (params.empty()) continue;
+    // One pass over memory per tensor where libtorch has the fused kernel; the per-op loop otherwise.
+    if (compat::fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, group.lr, options_.beta1,
+                                 options_.beta2, group.weight_decay, options_.eps))
+      continue;
+    for (size_t k = 0; k < params.size(); ++k)
+      single_tensor_step(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], steps[k], group.lr, group.weight_decay);
   }
+}
+
+void AdamW::single_tensor_step(torch::Tensor& param, const torch::Tensor& grad, torch::Tensor& exp_avg,
+                               torch::Tensor& exp_avg_sq, int64_t step, double lr, double weight_decay) const {
+  const double beta1 = options_.beta1, beta2 = options_.beta2;
+  // Same op order as torch's _single_tensor_adam with decoupled weight decay.
+  if (weight_decay != 0) param.mul_(1 - lr * weight_decay);
+  exp_avg.lerp_(grad, 1 - beta1);
+  exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
+  const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(step));
+  const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(step));
+  const double step_size = lr / bias_correction1;
+  auto denom = (exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options_.eps);
+  param.addcdiv_(exp_avg, denom, -step_size);
 }
 
 void AdamW::zero_grad() {
@@ -55,8 +74,9 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm)
   if (norms.empty()) return 0.0;
   auto total = torch::stack(norms).norm(2);
   auto coef = torch::clamp(max_norm / (total + 1e-6), c10::nullopt, 1.0);
-  for (auto& p : params)
-    if (p.grad().defined()) p.mutable_grad().mul_(coef.to(p.grad().scalar_type()));
+  if (coef.item<float>() < 1.0f)  // a multiply by exactly 1 changes no bit
+    for (auto& p : params)
+      if (p.grad().defined()) p.mutable_grad().mul_(coef.to(p.grad().scalar_type()));
   return total.item<double>();
 }
 

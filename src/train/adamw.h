@@ -1,5 +1,7 @@
-// AdamW with torch.optim.AdamW's numerics (the single-tensor path torch takes on CPU), over named
+// AdamW with torch.optim.AdamW's numerics, over named
 // parameter groups like HF Trainer builds them (decay / no-decay, plus LLaVA's projector-lr groups).
+// libtorch >= 2.4: torch's fused kernel (AdamW(fused=True)); older: the single-tensor path torch takes on
+// CPU by default. The two agree to float rounding (~1e-7 relative), not bitwise.
 #pragma once
 #include <string>
 #include <vector>
@@ -45,6 +47,9 @@ class AdamW {
   const std::vector<std::vector<AdamState>>& state() const { return state_; }
 
  private:
+  void single_tensor_step(torch::Tensor& param, const torch::Tensor& grad, torch::Tensor& exp_avg,
+                          torch::Tensor& exp_avg_sq, int64_t step, double lr, double weight_decay) const;
+
   std::vector<ParamGroup> groups_;
   AdamWOptions options_;
   std::vector<std::vector<AdamState>> state_;

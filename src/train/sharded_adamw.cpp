@@ -115,8 +115,9 @@ void ShardedAdamW::update(double max_norm, double lr_factor) {
   torch::NoGradGuard no_grad;
   if (max_norm > 0) {
     auto coef = torch::clamp(max_norm / (grad_norm_ + 1e-6), c10::nullopt, 1.0);
-    for (auto& p : pieces_)
-      if (p.master.grad().defined()) p.master.mutable_grad().mul_(coef);
+    if (coef.item<float>() < 1.0f)  // a multiply by exactly 1 changes no bit: skip the pass over the gradients
+      for (auto& p : pieces_)
+        if (p.master.grad().defined()) p.master.mutable_grad().mul_(coef);
   }
   inner_->set_lr_factor(lr_factor);
   for (auto& g : groups_) g.lr = g.base_lr * lr_factor;
