@@ -11,7 +11,6 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options)
 
 void AdamW::step() {
   torch::NoGradGuard no_grad;
-  const double beta1 = options_.beta1, beta2 = options_.beta2;
   for (size_t g = 0; g < groups_.size(); ++g) {
     const ParamGroup& group = groups_[g];
     for (size_t i = 0; i < group.params.size(); ++i) {
@@ -24,17 +23,22 @@ void AdamW::step() {
         s.exp_avg_sq = torch::zeros_like(param, torch::MemoryFormat::Preserve);
       }
       s.step += 1;
-      // Same op order as torch's _single_tensor_adam with decoupled weight decay.
-      if (group.weight_decay != 0) param.mul_(1 - group.lr * group.weight_decay);
-      s.exp_avg.lerp_(grad, 1 - beta1);
-      s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
-      const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(s.step));
-      const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(s.step));
-      const double step_size = group.lr / bias_correction1;
-      auto denom = (s.exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options_.eps);
-      param.addcdiv_(s.exp_avg, denom, -step_size);
+      adamw_update(param, grad, s.exp_avg, s.exp_avg_sq, s.step, group.lr, group.weight_decay, options_);
     }
   }
+}
+
+void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                  int64_t step, double lr, double weight_decay, const AdamWOptions& options) {
+  // Same op order as torch's _single_tensor_adam with decoupled weight decay.
+  if (weight_decay != 0) param.mul_(1 - lr * weight_decay);
+  exp_avg.lerp_(grad, 1 - options.beta1);
+  exp_avg_sq.mul_(options.beta2).addcmul_(grad, grad, 1 - options.beta2);
+  const double bias_correction1 = 1 - std::pow(options.beta1, static_cast<double>(step));
+  const double bias_correction2 = 1 - std::pow(options.beta2, static_cast<double>(step));
+  const double step_size = lr / bias_correction1;
+  auto denom = (exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options.eps);
+  param.addcdiv_(exp_avg, denom, -step_size);
 }
 
 void AdamW::zero_grad() {
