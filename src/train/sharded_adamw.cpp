@@ -144,13 +144,24 @@ void ShardedAdamW::reduce_bucket(size_t b) {
       const Piece& p = pieces_[k];
       const int64_t begin = std::max(s.offset, p.param_offset);
       const int64_t end = std::min(s.offset + s.length, p.param_offset + p.length);
-      if (begin < end) add_to_piece_grad(k, begin - p.param_offset, flat.narrow(0, at + begin - s.offset, end - begin));
+      if (begin < end) {
+        auto values = flat.narrow(0, at + begin - s.offset, end - begin);
+        if (zero_stage_ == 2) {
+          add_to_piece_grad(k, begin - p.param_offset, values);
+        } else {  // ZeRO 1: the sum goes back into this rank's part of .grad, which is kept (no new memory)
+          auto& grad = params_[s.param].mutable_grad();
+          if (!grad.defined()) grad = torch::zeros_like(params_[s.param]);  // only other ranks had one
+          grad.view({-1}).narrow(0, begin, end - begin).copy_(values);
+        }
+      }
     }
     at += s.length;
   }
   note_memory({flat});  // the high point: the bucket, its .grads and the shard are all alive
-  for (const Segment& s : bucket.segments)
-    if (--unreduced_[s.param] == 0) params_[s.param].mutable_grad() = torch::Tensor();
+  for (const Segment& s : bucket.segments) {
+    const bool kept = zero_stage_ == 1 && piece_of_param_[s.param] >= 0;  // holds this rank's reduced part
+    if (--unreduced_[s.param] == 0 && !kept) params_[s.param].mutable_grad() = torch::Tensor();
+  }
 }
 
 // piece_grads_[k] += values at `offset` of the piece; chunks are made (zeros) when first touched, so a
@@ -200,10 +211,11 @@ void ShardedAdamW::fix_bucket_order() {
 }
 
 std::vector<torch::Tensor> ShardedAdamW::grad_chunks(size_t k) const {
-  if (sharded_) return piece_grads_[k];
+  if (sharded_ && zero_stage_ == 2) return piece_grads_[k];
+  // ZeRO 0 and 1 (and one rank): the summed gradient is in the parameter's .grad.
   const Piece& p = pieces_[k];
-  auto grad = params_[p.param].grad().reshape({-1}).narrow(0, p.param_offset, p.length);
-  if (grad.scalar_type() == torch::kFloat32) return {grad};  // used as it is: no fp32 copy needed
+  auto grad = params_[p.param].grad().view({-1}).narrow(0, p.param_offset, p.length);
+  if (grad.scalar_type() == torch::kFloat32 && !sharded_) return {grad};  // as before: one piece, no copy
   std::vector<torch::Tensor> chunks;
   for (int64_t at = 0; at < p.length; at += chunk_numel_) chunks.push_back(grad.narrow(0, at, std::min(chunk_numel_, p.length - at)));
   return chunks;

@@ -11,8 +11,9 @@
 //
 // Gradient memory per rank (Ψ trainable parameters, N ranks), as the ZeRO paper counts it:
 //   ZeRO 1: the parameters' .grad accumulate over the window (Ψ elements); at its end they are
-//           all-reduced bucket by bucket, this rank keeps its part (Ψ/N elements, parameter dtype) and each
-//           .grad is freed as soon as its buckets are done.
+//           all-reduced bucket by bucket, this rank's part of each sum is written back into .grad, and
+//           every .grad without a part of this rank's shard is freed as soon as its buckets are done, so
+//           nothing beyond the Ψ elements of .grad is ever allocated.
 //   ZeRO 2: like DeepSpeed, buckets are reduced DURING each backward pass (a hook on every parameter's
 //           gradient accumulator, as torch's DDP Reducer), this rank's part is added to its persistent
 //           shard (Ψ/N elements, parameter dtype) and each .grad is freed once its buckets are reduced.
