@@ -268,8 +268,10 @@ TrainConfig parse_train_config(const YAML::Node& root, const std::string& where)
     if (!stage.is_number_integer()) fail(c.deepspeed, "zero_optimization.stage must be an integer");
     c.zero_stage = stage.get<int64_t>();
     auto bucket = ds.value("/zero_optimization/reduce_bucket_size"_json_pointer, nlohmann::json(c.reduce_bucket_size));
-    if (!bucket.is_number()) fail(c.deepspeed, "zero_optimization.reduce_bucket_size must be a number");
-    c.reduce_bucket_size = static_cast<int64_t>(bucket.get<double>());  // DeepSpeed configs often write 5e8
+    if (bucket.is_number())  // DeepSpeed configs often write 5e8
+      c.reduce_bucket_size = static_cast<int64_t>(bucket.get<double>());
+    else if (bucket != "auto")  // "auto" (HF Trainer fills it in): our default
+      fail(c.deepspeed, "zero_optimization.reduce_bucket_size must be a number or \"auto\"");
   }
   check_combinations(c, root, where);
   return c;
