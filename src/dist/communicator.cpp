@@ -238,6 +238,15 @@ Communicator::Communicator(Communicator&&) noexcept = default;
 Communicator& Communicator::operator=(Communicator&&) noexcept = default;
 Communicator::~Communicator() = default;
 
+bool Communicator::reduces_natively(torch::Dtype dtype) const {
+  if (dtype != torch::kBFloat16 || !group_) return true;
+#ifdef LLAVA_HAS_C10D
+  return group_->native_bf16_reduce;
+#else
+  return true;
+#endif
+}
+
 void Communicator::allreduce(torch::Tensor& tensor, Reduce op) {
   check_float_dtype(tensor, "allreduce");
   if (!group_) return;  // one rank: the sum and the mean are the tensor itself

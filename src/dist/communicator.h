@@ -49,6 +49,9 @@ class Communicator {
   const DistEnv& env() const { return env_; }
   std::string backend_name() const;  // "gloo", "nccl" or "none"
 
+  // Whether allreduce() sums `dtype` in the backend itself; otherwise it makes an fp32 copy of the tensor
+  // (bf16 on Gloo), so a caller that keeps buffers small builds them in fp32 to begin with.
+  bool reduces_natively(torch::Dtype dtype) const;
   // In place. fp32 or bf16 (bf16 is summed in fp32 where the backend cannot, then rounded once).
   // Every rank ends with bitwise-identical values.
   void allreduce(torch::Tensor& tensor, Reduce op);

@@ -15,8 +15,6 @@ void AdamW::step() {
   torch::NoGradGuard no_grad;
   for (size_t g = 0; g < groups_.size(); ++g) {
     const ParamGroup& group = groups_[g];
-    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
-    std::vector<int64_t> steps;
     for (size_t i = 0; i < group.params.size(); ++i) {
       const torch::Tensor& param = group.params[i];
       if (!param.grad().defined()) continue;
@@ -26,33 +24,25 @@ void AdamW::step() {
         s.exp_avg_sq = torch::zeros_like(param, torch::MemoryFormat::Preserve);
       }
       s.step += 1;
-      params.push_back(param);
-      grads.push_back(param.grad());
-      exp_avgs.push_back(s.exp_avg);
-      exp_avg_sqs.push_back(s.exp_avg_sq);
-      steps.push_back(s.step);
+      adamw_update(param, param.grad(), s.exp_avg, s.exp_avg_sq, s.step, group.lr, group.weight_decay, options_);
     }
-    if (params.empty()) continue;
-    // One pass over memory per tensor where libtorch has the fused kernel; the per-op loop otherwise.
-    if (compat::fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, group.lr, options_.beta1,
-                                 options_.beta2, group.weight_decay, options_.eps))
-      continue;
-    for (size_t k = 0; k < params.size(); ++k)
-      single_tensor_step(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], steps[k], group.lr, group.weight_decay);
   }
 }
 
-void AdamW::single_tensor_step(torch::Tensor& param, const torch::Tensor& grad, torch::Tensor& exp_avg,
-                               torch::Tensor& exp_avg_sq, int64_t step, double lr, double weight_decay) const {
-  const double beta1 = options_.beta1, beta2 = options_.beta2;
+void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                  int64_t step, double lr, double weight_decay, const AdamWOptions& options) {
+  // One pass over memory where libtorch has the fused kernel (torch's AdamW(fused=True)).
+  if (compat::fused_adamw_step({param}, {grad}, {exp_avg}, {exp_avg_sq}, {step}, lr, options.beta1, options.beta2,
+                               weight_decay, options.eps))
+    return;
   // Same op order as torch's _single_tensor_adam with decoupled weight decay.
   if (weight_decay != 0) param.mul_(1 - lr * weight_decay);
-  exp_avg.lerp_(grad, 1 - beta1);
-  exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
-  const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(step));
-  const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(step));
+  exp_avg.lerp_(grad, 1 - options.beta1);
+  exp_avg_sq.mul_(options.beta2).addcmul_(grad, grad, 1 - options.beta2);
+  const double bias_correction1 = 1 - std::pow(options.beta1, static_cast<double>(step));
+  const double bias_correction2 = 1 - std::pow(options.beta2, static_cast<double>(step));
   const double step_size = lr / bias_correction1;
-  auto denom = (exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options_.eps);
+  auto denom = (exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options.eps);
   param.addcdiv_(exp_avg, denom, -step_size);
 }
 

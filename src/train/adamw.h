@@ -47,13 +47,17 @@ class AdamW {
   const std::vector<std::vector<AdamState>>& state() const { return state_; }
 
  private:
-  void single_tensor_step(torch::Tensor& param, const torch::Tensor& grad, torch::Tensor& exp_avg,
-                          torch::Tensor& exp_avg_sq, int64_t step, double lr, double weight_decay) const;
-
   std::vector<ParamGroup> groups_;
   AdamWOptions options_;
   std::vector<std::vector<AdamState>> state_;
 };
+
+// One AdamW update of `param` in place (torch's fused kernel on libtorch >= 2.4, else its single-tensor
+// numerics); `param`, `grad` and the moments may be
+// matching views into bigger tensors (ShardedAdamW updates pieces chunk by chunk). `step` counts this
+// update (state.step after incrementing it).
+void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                  int64_t step, double lr, double weight_decay, const AdamWOptions& options);
 
 // Scales all gradients so their global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_
 // semantics: coef = max_norm / (norm + 1e-6), clamped to 1). Returns the norm before clipping.

@@ -124,6 +124,7 @@ const std::map<std::string, Setter>& train_fields() {
       {"deepspeed", set(&TrainConfig::deepspeed)},
       {"ddp_timeout", set(&TrainConfig::ddp_timeout)},
       {"consolidate_optimizer_max_size", set(&TrainConfig::consolidate_optimizer_max_size)},
+      {"reduce_bucket_size", set(&TrainConfig::reduce_bucket_size)},
       // Read by the data section (data::read_data_config).
       {"data_path", accepted_and_ignored()},
       {"image_folder", accepted_and_ignored()},
@@ -202,6 +203,7 @@ void check_combinations(const TrainConfig& c, const YAML::Node& root, const std:
   if (!c.lora_target_modules.empty() && !c.lora_target_regex.empty())
     bad("lora_target_regex", "give lora_target_modules or lora_target_regex, not both");
   if (c.zero_stage < 0 || c.zero_stage > 2) bad("zero_stage", "must be 0, 1 or 2 (ZeRO-3 is not supported)");
+  if (c.reduce_bucket_size < 1) bad("reduce_bucket_size", "must be >= 1 (elements per gradient bucket)");
   if (c.save_strategy != "steps" && c.save_strategy != "no") bad("save_strategy", "expected steps or no");
   for (auto [key, value] : {std::pair{"max_shard_size", &c.max_shard_size},
                             std::pair{"consolidate_optimizer_max_size", &c.consolidate_optimizer_max_size}}) {
@@ -265,6 +267,11 @@ TrainConfig parse_train_config(const YAML::Node& root, const std::string& where)
     auto stage = ds.value("/zero_optimization/stage"_json_pointer, nlohmann::json(0));
     if (!stage.is_number_integer()) fail(c.deepspeed, "zero_optimization.stage must be an integer");
     c.zero_stage = stage.get<int64_t>();
+    auto bucket = ds.value("/zero_optimization/reduce_bucket_size"_json_pointer, nlohmann::json(c.reduce_bucket_size));
+    if (bucket.is_number())  // DeepSpeed configs often write 5e8
+      c.reduce_bucket_size = static_cast<int64_t>(bucket.get<double>());
+    else if (bucket != "auto")  // "auto" (HF Trainer fills it in): our default
+      fail(c.deepspeed, "zero_optimization.reduce_bucket_size must be a number or \"auto\"");
   }
   check_combinations(c, root, where);
   return c;

@@ -68,6 +68,9 @@ struct TrainConfig {
   std::string deepspeed;  // a DeepSpeed JSON; its zero_optimization.stage sets zero_stage
   double ddp_timeout = 1800;
   std::string consolidate_optimizer_max_size = "2GB";  // ZeRO: also write optimizer.pt up to this state size
+  // ZeRO 1/2: elements per gradient bucket (DeepSpeed's zero_optimization.reduce_bucket_size); also the
+  // largest fp32 gradient chunk the update converts at once.
+  int64_t reduce_bucket_size = 50'000'000;
 };
 
 // Reads a config file, applies `overrides` ("key=value"), validates. `where` for errors is the file path.

@@ -8,6 +8,25 @@
 // after which every rank holds bitwise-identical trainable weights.
 // Gradients are summed, not averaged, over ranks: the trainer divides every micro-batch loss by the
 // scored tokens of the whole global window, so the sum is the gradient of the global mean token loss.
+//
+// Gradient memory per rank (Ψ trainable parameters, N ranks), as the ZeRO paper counts it:
+//   ZeRO 1: the parameters' .grad accumulate over the window (Ψ elements); at its end they are
+//           all-reduced bucket by bucket, this rank's part of each sum is written back into .grad, and
+//           every .grad without a part of this rank's shard is freed as soon as its buckets are done, so
+//           nothing beyond the Ψ elements of .grad is ever allocated.
+//   ZeRO 2: like DeepSpeed, buckets are reduced DURING each backward pass (a hook on every parameter's
+//           gradient accumulator, as torch's DDP Reducer), this rank's part is added to its persistent
+//           shard (Ψ/N elements, parameter dtype) and each .grad is freed once its buckets are reduced.
+// Buckets hold at most `bucket_numel` elements (a parameter may span several); their buffers, the fp32
+// copies the norm and the update make of gradient chunks of at most `bucket_numel` elements, and the
+// all-gather of the updated parameters in chunks of `bucket_numel` shard elements ([N * chunk] fp32) are
+// the only transient buffers. A bucket is summed in the parameters' dtype where the backend can (fp32;
+// bf16 on NCCL), else in an fp32 buffer (bf16 on Gloo), then added to the shard (rounded once).
+// Buckets follow the order in which rank 0's first backward pass produced the gradients (like DDP's
+// rebuilt buckets; the first micro-batch of a run uses reverse parameter order), and every rank reduces
+// them in the same order: a bucket is reduced in the backward pass once its parameters' gradients and
+// all earlier buckets are done, the rest (parameters without a gradient on this rank: zeros) in
+// finish_micro_batch(), which every rank calls after every micro-batch.
 #pragma once
 #include <functional>
 #include <memory>
@@ -18,6 +37,7 @@
 
 #include "dist/communicator.h"
 #include "dist/zero_layout.h"
+#include "io/torch_compat.h"
 #include "train/adamw.h"
 
 namespace llava::train {
@@ -31,11 +51,31 @@ struct RangeState {
   torch::Tensor master;                             // [length] fp32, bf16 runs only
 };
 
+// Bytes this rank holds by role, read from the storages of the live tensors (each storage counted once)
+// at the optimizer's high points: every bucket reduction (before the reduced .grads are freed), every
+// chunk of the norm, of the update and of the parameter all-gather.
+struct MemoryUsage {
+  int64_t params = 0;     // the trainable parameters as the model holds them
+  int64_t grads = 0;      // parameters' .grad + this rank's reduced gradient shard
+  int64_t optimizer = 0;  // fp32 master weights kept apart from the model + Adam moments
+  int64_t transient = 0;  // bucket buffers, fp32 gradient chunks, all-gather chunks alive at that moment
+  int64_t total() const { return params + grads + optimizer + transient; }
+};
+
 class ShardedAdamW {
  public:
   // groups: the model's trainable parameters (HF's groups, named_parameters() order). In fp32 the master
   // weights are the parameters themselves; for bf16 parameters they are fp32 copies of the shard.
-  ShardedAdamW(std::vector<ParamGroup> groups, AdamWOptions options, dist::Communicator& comm, int zero_stage);
+  // bucket_numel: the cap of a gradient bucket and of an fp32 gradient chunk (elements).
+  ShardedAdamW(std::vector<ParamGroup> groups, AdamWOptions options, dist::Communicator& comm, int zero_stage,
+               int64_t bucket_numel = kDefaultBucketNumel);
+  ShardedAdamW(const ShardedAdamW&) = delete;  // the gradient hooks point at this object
+  ShardedAdamW& operator=(const ShardedAdamW&) = delete;
+  static constexpr int64_t kDefaultBucketNumel = 50'000'000;
+
+  // Every rank, after every micro-batch's backward pass (or instead of it, when its loss reaches no
+  // trainable): ZeRO 2 reduces the buckets not yet reduced. A no-op otherwise.
+  void finish_micro_batch();
 
   // After the window's backward passes: sums the gradients over ranks into this rank's pieces and
   // returns their global norm (HF's grad_norm). Then either update() or discard().
@@ -63,6 +103,9 @@ class ShardedAdamW {
 
   // Bytes of optimizer state this rank holds: Adam moments plus separate master weights.
   int64_t state_bytes() const;
+  // The high point with the largest total so far (see MemoryUsage).
+  const MemoryUsage& peak_memory() const { return peak_memory_; }
+  int64_t bucket_numel() const { return bucket_numel_; }
   const dist::ZeroLayout& layout() const { return layout_; }
   const std::vector<ParamGroup>& groups() const { return groups_; }
   int zero_stage() const { return zero_stage_; }
@@ -74,11 +117,33 @@ class ShardedAdamW {
     int64_t param_offset, length, shard_offset;
     torch::Tensor master;  // [length] fp32
   };
+  // A stretch of one parameter's gradient in a bucket: grad.view(-1)[offset : offset + length].
+  struct Segment {
+    size_t param;
+    int64_t offset, length;
+  };
+  struct Bucket {
+    std::vector<Segment> segments;
+    int64_t numel = 0;
+    torch::Dtype dtype = torch::kFloat32;
+  };
+
   torch::Tensor flat_param_view(size_t param, int64_t offset, int64_t length) const;
   std::vector<bool> params_with_grad();           // any rank has a gradient for the parameter
-  torch::Tensor reduced_grad_shard();             // [shard_numel] fp32, summed over ranks
+  // The gradient of piece k, summed over ranks, in chunks of at most chunk_numel_ (parameter dtype).
+  std::vector<torch::Tensor> grad_chunks(size_t k) const;
+  void plan_buckets(const std::vector<size_t>& param_order);
+  void install_gradient_hooks();
+  void on_gradient_ready(size_t param);  // ZeRO 2: called by autograd after param.grad was accumulated
+  void reduce_bucket(size_t b);
+  void reduce_remaining_buckets();  // in order, then start_micro_batch()
+  void start_micro_batch();         // no gradient arrived, no bucket reduced
+  void add_to_piece_grad(size_t k, int64_t offset, const torch::Tensor& values);
+  void fix_bucket_order();          // ZeRO 2, after the first micro-batch: rank 0's gradient order
+  void note_memory(const std::vector<torch::Tensor>& transient = {});
   torch::Tensor gather_shards(const std::function<torch::Tensor(const Piece&)>& value);  // [padded] fp32
   void gather_parameters();
+  void copy_into_params(int64_t flat_begin, const torch::Tensor& values);
 
   std::vector<ParamGroup> groups_;
   AdamWOptions options_;
@@ -94,6 +159,24 @@ class ShardedAdamW {
   torch::Tensor grad_norm_;     // fp32 0-d: the global norm of the reduced gradients
   std::unique_ptr<AdamW> inner_;  // over pieces_[i].master, groups mirroring groups_
   std::vector<std::pair<size_t, size_t>> inner_slot_;  // piece i = inner_.groups()[g].params[j]
+  std::vector<bool> has_grad_;  // per parameter, for this step: some rank had a gradient for it
+
+  // Gradient reduction (sharded runs).
+  int64_t bucket_numel_, chunk_numel_;
+  std::vector<Bucket> buckets_;
+  std::vector<std::vector<size_t>> buckets_of_param_;
+  std::vector<int64_t> piece_of_param_;                // index into pieces_, -1: not in this rank's shard
+  std::vector<std::vector<torch::Tensor>> piece_grads_;  // per piece: reduced gradient chunks, made on first use
+  std::vector<int> params_in_bucket_;
+  std::vector<int> missing_;    // per bucket: parameters whose gradient has not arrived in this micro-batch
+  std::vector<int> unreduced_;  // per parameter: its buckets not reduced yet in this micro-batch
+  std::vector<bool> arrived_;   // per parameter: its gradient arrived in this micro-batch
+  std::vector<bool> got_grad_;  // per parameter: this rank had a gradient for it in this window
+  size_t next_bucket_ = 0;
+  std::vector<size_t> arrival_order_;  // ZeRO 2, first micro-batch of the run
+  bool bucket_order_fixed_ = false;
+  std::vector<std::unique_ptr<compat::GradAccumulatedHook>> hooks_;
+  MemoryUsage peak_memory_;
 };
 
 }  // namespace llava::train

@@ -352,18 +352,28 @@ std::string log_line(double loss, double grad_norm, double lr, double epoch) {
          ", 'learning_rate': " + format_float(lr) + ", 'epoch': " + format_float(epoch) + "}";
 }
 
-// Optimizer-state bytes of every rank (collective).
-std::vector<int64_t> gather_state_bytes(const ShardedAdamW& optimizer, dist::Communicator& comm) {
-  auto mine = torch::full({1}, static_cast<double>(optimizer.state_bytes()), torch::kFloat64);
+// Memory figures of every rank (collective): final optimizer-state bytes and the peak high point.
+struct RankMemory {
+  int64_t state_bytes;
+  MemoryUsage peak;
+};
+std::vector<RankMemory> gather_memory(const ShardedAdamW& optimizer, dist::Communicator& comm) {
+  const MemoryUsage& m = optimizer.peak_memory();
+  auto mine = torch::tensor({static_cast<double>(optimizer.state_bytes()), static_cast<double>(m.params),
+                             static_cast<double>(m.grads), static_cast<double>(m.optimizer),
+                             static_cast<double>(m.transient)},
+                            torch::kFloat64);
   auto all = comm.world_size() > 1 ? comm.all_gather(mine) : mine;
-  std::vector<int64_t> out;
-  for (int64_t r = 0; r < all.numel(); ++r) out.push_back(static_cast<int64_t>(all[r].item<double>()));
+  std::vector<RankMemory> out;
+  auto at = [&](int64_t i) { return static_cast<int64_t>(all[i].item<double>()); };
+  for (int64_t r = 0; r < all.numel() / 5; ++r)
+    out.push_back({at(5 * r), {at(5 * r + 1), at(5 * r + 2), at(5 * r + 3), at(5 * r + 4)}});
   return out;
 }
 
 void write_metrics(const std::string& path, const std::vector<StepMetrics>& history,
                    const std::vector<Trainable>& trainables, const ShardedAdamW& optimizer,
-                   const std::vector<int64_t>& state_bytes_by_rank) {
+                   const std::vector<RankMemory>& memory) {
   nlohmann::json steps = nlohmann::json::array();
   for (auto& m : history)
     steps.push_back({{"step", m.step}, {"loss", m.loss}, {"grad_norm", m.grad_norm},
@@ -371,9 +381,26 @@ void write_metrics(const std::string& path, const std::vector<StepMetrics>& hist
   nlohmann::json names = nlohmann::json::array();
   for (auto& t : trainables) names.push_back(t.name);
   const auto& layout = optimizer.layout();
-  nlohmann::json zero = {{"stage", optimizer.zero_stage()}, {"world_size", state_bytes_by_rank.size()},
-                         {"optimizer_state_bytes", state_bytes_by_rank}, {"padding_numel", layout.padding()},
-                         {"trainable_numel", layout.total_numel}, {"shard_numel", layout.shard_numel}};
+  std::vector<int64_t> state_bytes, params, grads, opt, transient, total;
+  for (auto& m : memory) {
+    state_bytes.push_back(m.state_bytes);
+    params.push_back(m.peak.params);
+    grads.push_back(m.peak.grads);
+    opt.push_back(m.peak.optimizer);
+    transient.push_back(m.peak.transient);
+    total.push_back(m.peak.total());
+  }
+  int64_t largest = 0;
+  for (auto& p : layout.params) largest = std::max(largest, p.numel);
+  // Per rank, at its high point with the largest params + grads + optimizer bytes (measured from the
+  // live tensors, see MemoryUsage): each figure is that moment's.
+  nlohmann::json peak = {{"param_bytes", params}, {"grad_bytes", grads}, {"optimizer_bytes", opt},
+                         {"transient_bytes", transient}, {"total_bytes", total}};
+  nlohmann::json zero = {{"stage", optimizer.zero_stage()}, {"world_size", memory.size()},
+                         {"optimizer_state_bytes", state_bytes}, {"padding_numel", layout.padding()},
+                         {"trainable_numel", layout.total_numel}, {"shard_numel", layout.shard_numel},
+                         {"largest_param_numel", largest}, {"bucket_numel", optimizer.bucket_numel()},
+                         {"peak_memory", peak}};
   io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}, {"zero", zero}}.dump(1) + "\n");
 }
 
@@ -449,7 +476,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   const int64_t epochs = (max_steps + steps_per_epoch - 1) / steps_per_epoch;
 
   ShardedAdamW optimizer(param_groups(trainables, cfg), {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon}, comm,
-                         static_cast<int>(cfg.zero_stage));
+                         static_cast<int>(cfg.zero_stage), cfg.reduce_bucket_size);
   Schedule schedule{schedule_from_name(cfg.lr_scheduler_type),
                     warmup_steps_for(cfg.warmup_steps, cfg.warmup_ratio, max_steps), max_steps, cfg.num_cycles,
                     cfg.min_lr > 0 ? cfg.min_lr / cfg.learning_rate : cfg.min_lr_rate};
@@ -527,6 +554,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       for (auto& b : micro_batches) {
         auto l = micro_batch_loss(model, b, tokens);
         if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
+        optimizer.finish_micro_batch();       // every rank (ZeRO 2: the buckets its backward did not reduce)
         loss_sum += l.item<double>();
         if (++micro_batches_run == debug.stop_after_micro_batches) return history;  // as if killed here
       }
@@ -582,8 +610,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
     save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
   if (!debug.metrics_out.empty()) {
-    const auto bytes = gather_state_bytes(optimizer, comm);
-    if (is_main) write_metrics(debug.metrics_out, history, trainables, optimizer, bytes);
+    const auto memory = gather_memory(optimizer, comm);
+    if (is_main) write_metrics(debug.metrics_out, history, trainables, optimizer, memory);
   }
   if (!debug.save_trainables.empty()) {  // rank 0 at the path, rank R > 0 at path.rank<R>
     io::NamedTensors out;

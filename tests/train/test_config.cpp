@@ -115,6 +115,14 @@ TEST_CASE("a DeepSpeed JSON's zero_optimization.stage sets zero_stage") {
   auto ds = write_config("zero2.json", R"({"zero_optimization": {"stage": 2, "overlap_comm": true}, "bf16": {"enabled": "auto"}})");
   auto c = train::load_train_config(write_config("s2.yaml", kStage2), {"deepspeed=" + ds});
   CHECK(c.zero_stage == 2);
+  CHECK(c.reduce_bucket_size == 50'000'000);  // not given: our default
+  auto sized = write_config("zero2b.json", R"({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8}})");
+  CHECK(train::load_train_config(write_config("s2.yaml", kStage2), {"deepspeed=" + sized}).reduce_bucket_size == 500'000'000);
+  auto bad = write_config("zero2c.json", R"({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}})");
+  CHECK_THROWS_WITH(train::load_train_config(write_config("s2.yaml", kStage2), {"deepspeed=" + bad}),
+                    Catch::Contains("reduce_bucket_size"));
+  CHECK_THROWS_WITH(train::load_train_config(write_config("s2.yaml", kStage2), {"reduce_bucket_size=0"}),
+                    Catch::Contains("reduce_bucket_size"));
 }
 
 TEST_CASE("the LLaVA-1.5 recipes in configs/ parse") {
