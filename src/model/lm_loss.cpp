@@ -15,9 +15,18 @@ torch::Tensor scored_causal_lm_loss(LlavaForConditionalGeneration& model, const 
   auto targets = torch::constant_pad_nd(labels.to(torch::kInt64), {0, 1}, -100).narrow(1, 1, T).reshape({-1});  // [B*T]
   auto scored = targets.ne(-100).nonzero().squeeze(1);  // [N]
   auto& llm = model->model->language_model;
-  if (scored.numel() == 0) return (llm->forward(embeds, attention_mask, {}, nullptr).sum() * 0.0).to(torch::kFloat32);
-  auto rows = llm->forward_rows(embeds, attention_mask, scored);  // [N,H]
-  auto logits = model->lm_head ? model->lm_head(rows) : torch::nn::functional::linear(rows, model->lm_head_weight());  // [N,V]
+  auto lm_head = [&](const torch::Tensor& rows) {  // [N,H] -> [N,V]
+    return model->lm_head ? model->lm_head(rows) : torch::nn::functional::linear(rows, model->lm_head_weight());
+  };
+  if (scored.numel() == 0) {
+    // No token to score: a zero loss that still reaches every weight, lm_head too (through its 0 rows), as
+    // HF's loss over all logits does, so every trainable gets its (zero) gradient in the backward pass
+    // (ZeRO 2 reduces a bucket once all its gradients arrived; a missing one would hold up the rest).
+    auto hidden = llm->forward(embeds, attention_mask, {}, nullptr);  // [B,T,H]
+    auto no_logits = lm_head(hidden.reshape({-1, hidden.size(-1)}).narrow(0, 0, 0));  // [0,V]
+    return (hidden.sum() * 0.0).to(torch::kFloat32) + no_logits.sum().to(torch::kFloat32);
+  }
+  auto logits = lm_head(llm->forward_rows(embeds, attention_mask, scored));  // [N,V]
   return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), targets.index_select(0, scored));
 }
 
