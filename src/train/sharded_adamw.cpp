@@ -15,7 +15,7 @@ constexpr int64_t kShardAlign = 16;  // 64-byte aligned fp32 shards (NCCL likes 
 }
 
 ShardedAdamW::ShardedAdamW(std::vector<ParamGroup> groups, AdamWOptions options, dist::Communicator& comm,
-                           int zero_stage, int64_t bucket_numel)
+                           int zero_stage, int64_t bucket_numel, const std::vector<std::string>& first_order)
     : groups_(std::move(groups)), options_(options), comm_(comm), zero_stage_(zero_stage),
       bucket_numel_(bucket_numel), chunk_numel_(bucket_numel) {
   if (zero_stage < 0 || zero_stage > 2)
@@ -58,9 +58,14 @@ ShardedAdamW::ShardedAdamW(std::vector<ParamGroup> groups, AdamWOptions options,
   piece_grads_.resize(pieces_.size());
   got_grad_.assign(params_.size(), false);
   if (sharded_) {
-    std::vector<size_t> reverse_order;  // roughly the order backward produces gradients in
-    for (size_t i = params_.size(); i-- > 0;) reverse_order.push_back(i);
-    plan_buckets(reverse_order);
+    std::vector<size_t> order;  // roughly the order backward produces gradients in
+    std::vector<bool> listed(params_.size(), false);
+    for (auto& name : first_order)
+      if (auto it = index_of.find(name); it != index_of.end() && !listed[it->second])
+        order.push_back(it->second), listed[it->second] = true;
+    for (size_t i = params_.size(); i-- > 0;)
+      if (!listed[i]) order.push_back(i);
+    plan_buckets(order);
     if (zero_stage_ == 2) install_gradient_hooks();
   }
 }

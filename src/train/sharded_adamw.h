@@ -23,7 +23,7 @@
 // the only transient buffers. A bucket is summed in the parameters' dtype where the backend can (fp32;
 // bf16 on NCCL), else in an fp32 buffer (bf16 on Gloo), then added to the shard (rounded once).
 // Buckets follow the order in which rank 0's first backward pass produced the gradients (like DDP's
-// rebuilt buckets; the first micro-batch of a run uses reverse parameter order), and every rank reduces
+// rebuilt buckets; the first micro-batch of a run uses `first_order`), and every rank reduces
 // them in the same order: a bucket is reduced in the backward pass once its parameters' gradients and
 // all earlier buckets are done, the rest (parameters without a gradient on this rank: zeros) in
 // finish_micro_batch(), which every rank calls after every micro-batch.
@@ -67,8 +67,10 @@ class ShardedAdamW {
   // groups: the model's trainable parameters (HF's groups, named_parameters() order). In fp32 the master
   // weights are the parameters themselves; for bf16 parameters they are fp32 copies of the shard.
   // bucket_numel: the cap of a gradient bucket and of an fp32 gradient chunk (elements).
+  // first_order: parameter names in the order backward is expected to make their gradients (reverse
+  // model order), for the buckets of a run's first micro-batch; empty: reverse of the groups' order.
   ShardedAdamW(std::vector<ParamGroup> groups, AdamWOptions options, dist::Communicator& comm, int zero_stage,
-               int64_t bucket_numel = kDefaultBucketNumel);
+               int64_t bucket_numel = kDefaultBucketNumel, const std::vector<std::string>& first_order = {});
   ShardedAdamW(const ShardedAdamW&) = delete;  // the gradient hooks point at this object
   ShardedAdamW& operator=(const ShardedAdamW&) = delete;
   static constexpr int64_t kDefaultBucketNumel = 50'000'000;

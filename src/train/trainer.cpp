@@ -475,8 +475,10 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
                                               : static_cast<int64_t>(std::ceil(cfg.num_train_epochs * steps_per_epoch));
   const int64_t epochs = (max_steps + steps_per_epoch - 1) / steps_per_epoch;
 
+  std::vector<std::string> backward_order;  // backward makes the gradients roughly in reverse model order
+  for (auto it = trainables.rbegin(); it != trainables.rend(); ++it) backward_order.push_back(it->name);
   ShardedAdamW optimizer(param_groups(trainables, cfg), {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon}, comm,
-                         static_cast<int>(cfg.zero_stage), cfg.reduce_bucket_size);
+                         static_cast<int>(cfg.zero_stage), cfg.reduce_bucket_size, backward_order);
   Schedule schedule{schedule_from_name(cfg.lr_scheduler_type),
                     warmup_steps_for(cfg.warmup_steps, cfg.warmup_ratio, max_steps), max_steps, cfg.num_cycles,
                     cfg.min_lr > 0 ? cfg.min_lr / cfg.learning_rate : cfg.min_lr_rate};
