@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -37,110 +36,84 @@ namespace {
 
 // Disk-full injection for the reliability tests: with LLAVA_FAULT_WRITE_AFTER_BYTES=N in the environment
 // (read once), the writes of this process through write_file_atomic share a budget of N bytes; past it
-// they fail with ENOSPC, as on a full disk. Every file we write goes through here (one file at a time:
-// the checkpoint writer thread writes while the main thread writes none).
+// they fail with ENOSPC, as on a full disk. Every file we write goes through here.
 struct WriteFault {
   bool enabled = false;
-  std::atomic<uint64_t> bytes_left{0};
+  uint64_t bytes_left = 0;
 };
 
 WriteFault& write_fault() {
-  static WriteFault fault;
-  static const bool once = [] {
+  static WriteFault fault = [] {
+    WriteFault f;
     if (const char* env = std::getenv("LLAVA_FAULT_WRITE_AFTER_BYTES"); env && *env) {
-      fault.enabled = true;
-      fault.bytes_left = std::strtoull(env, nullptr, 10);
+      f.enabled = true;
+      f.bytes_left = std::strtoull(env, nullptr, 10);
     }
-    return true;
+    return f;
   }();
-  (void)once;
   return fault;
 }
 
-// Where `fill`'s stream ends up: write(2) on the temp file. Every kWritebackChunk bytes it starts the
-// kernel's writeback of what was just written (sync_file_range, which does not wait), so the disk works
-// while we go on filling the page cache and the final fsync finds most of the file written; without it
-// the dirty pages wait for the fsync (or for the kernel's dirty limits to throttle the writer), and the
-// copying and the disk take turns instead of overlapping.
-constexpr uint64_t kWritebackChunk = 16ull << 20;
-
-struct FileSink {
-  int fd = -1;
-  uint64_t written = 0;         // bytes in the file so far
-  uint64_t writeback_from = 0;  // bytes before this offset have had their writeback started
-};
-
-// Starts writeback of what was written since the last call once that is at least kWritebackChunk.
-void start_writeback(FileSink& sink) {
-  if (sink.written - sink.writeback_from < kWritebackChunk) return;
-  ::sync_file_range(sink.fd, static_cast<off64_t>(sink.writeback_from),
-                    static_cast<off64_t>(sink.written - sink.writeback_from), SYNC_FILE_RANGE_WRITE);
-  sink.writeback_from = sink.written;
+ssize_t write_within_budget(void* real_file, const char* data, size_t n) {
+  uint64_t& left = write_fault().bytes_left;
+  const size_t allowed = static_cast<size_t>(std::min<uint64_t>(n, left));
+  const size_t written = allowed ? std::fwrite(data, 1, allowed, static_cast<std::FILE*>(real_file)) : 0;
+  left -= written;
+  if (written == n) return static_cast<ssize_t>(n);
+  if (written == allowed) errno = ENOSPC;  // else fwrite's own errno
+  return written ? static_cast<ssize_t>(written) : -1;
 }
 
-ssize_t sink_write(void* cookie, const char* data, size_t n) {
-  auto& sink = *static_cast<FileSink*>(cookie);
-  WriteFault& fault = write_fault();
-  const size_t allowed = fault.enabled ? static_cast<size_t>(std::min<uint64_t>(n, fault.bytes_left.load())) : n;
-  size_t done = 0;
-  while (done < allowed) {  // in chunks, so a large tensor's first part is on its way to disk early
-    const ssize_t w = ::write(sink.fd, data + done, std::min<size_t>(allowed - done, kWritebackChunk));
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) break;  // errno says why
-    done += static_cast<size_t>(w);
-    sink.written += static_cast<uint64_t>(w);
-    start_writeback(sink);
+// The stream `fill` writes to: `file` itself, or a stream over it that runs out of space when injected.
+std::FILE* writable_stream(std::FILE* file) {
+  if (!write_fault().enabled) return file;
+  cookie_io_functions_t io{nullptr, write_within_budget, nullptr, nullptr};
+  std::FILE* stream = ::fopencookie(file, "w", io);
+  return stream ? stream : file;
+}
+
+// Flushes `stream` (and `file` under it); 0 or the errno of the first failure.
+int flush_error(std::FILE* stream, std::FILE* file) {
+  for (std::FILE* f : {stream, file}) {
+    errno = 0;
+    if (std::fflush(f) != 0 || std::ferror(f)) return errno ? errno : EIO;
   }
-  if (fault.enabled) fault.bytes_left -= done;
-  if (done == n) return static_cast<ssize_t>(n);
-  if (done == allowed) errno = ENOSPC;  // the injected budget ran out; else write(2)'s own errno
-  return done ? static_cast<ssize_t>(done) : -1;
+  return 0;
 }
 
 }  // namespace
 
 void write_file_atomic(const std::string& path, const std::function<void(std::FILE*)>& fill) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  FileSink sink;
-  sink.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (sink.fd < 0) fail(path, std::string("cannot create file: ") + std::strerror(errno));
-  cookie_io_functions_t io{nullptr, sink_write, nullptr, nullptr};
-  std::FILE* stream = ::fopencookie(&sink, "w", io);
-  if (!stream) {
-    const int err = errno;
-    ::close(sink.fd);
-    std::remove(tmp.c_str());
-    fail(path, std::string("cannot create file: ") + std::strerror(err));
-  }
-  std::setvbuf(stream, nullptr, _IOFBF, 1 << 20);  // small records (headers, JSON) go out in large writes
+  std::FILE* file = std::fopen(tmp.c_str(), "wb");
+  if (!file) fail(path, std::string("cannot create file: ") + std::strerror(errno));
+  std::FILE* stream = writable_stream(file);
+  auto close_all = [&] {
+    if (stream != file) std::fclose(stream);  // the injection's stream only: it does not close `file`
+    std::fclose(file);
+  };
   auto give_up = [&](const std::string& why) {
-    if (stream) std::fclose(stream);
-    ::close(sink.fd);
+    close_all();
     std::remove(tmp.c_str());
     fail(path, why);
   };
   try {
     fill(stream);
   } catch (...) {
-    std::fclose(stream);
-    ::close(sink.fd);
+    close_all();
     std::remove(tmp.c_str());
     throw;
   }
-  errno = 0;
-  const bool flushed = std::fflush(stream) == 0 && !std::ferror(stream);
-  const int flush_errno = errno ? errno : EIO;
-  std::fclose(stream);  // the cookie stream only: the file descriptor stays open
-  stream = nullptr;
-  if (!flushed) give_up(std::string("write failed: ") + std::strerror(flush_errno));
-  if (::fsync(sink.fd) != 0) give_up(std::string("fsync failed: ") + std::strerror(errno));
-  if (::close(sink.fd) != 0) {
-    const int err = errno;
+  if (int err = flush_error(stream, file)) give_up(std::string("write failed: ") + std::strerror(err));
+  if (stream != file) std::fclose(stream);
+  stream = file;
+  if (::fsync(::fileno(file)) != 0) give_up(std::string("fsync failed: ") + std::strerror(errno));
+  if (std::fclose(file) != 0) {
     std::remove(tmp.c_str());
-    fail(path, std::string("close failed: ") + std::strerror(err));
+    fail(path, std::string("close failed: ") + std::strerror(errno));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
+    int err = errno;
     std::remove(tmp.c_str());
     fail(path, std::string("rename failed: ") + std::strerror(err));
   }
