@@ -4,12 +4,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
 
 #include "io/error.h"
@@ -34,90 +36,194 @@ void fsync_dir(const std::string& dir) {
 
 namespace {
 
-// Disk-full injection for the reliability tests: with LLAVA_FAULT_WRITE_AFTER_BYTES=N in the environment
-// (read once), the writes of this process through write_file_atomic share a budget of N bytes; past it
-// they fail with ENOSPC, as on a full disk. Every file we write goes through here.
-struct WriteFault {
-  bool enabled = false;
-  uint64_t bytes_left = 0;
+// Test hooks, read once from the environment:
+// - LLAVA_FAULT_WRITE_AFTER_BYTES=N: disk-full injection for the reliability tests. The writes of this
+//   process through write_file_atomic share a budget of N bytes; past it they fail with ENOSPC, as on a
+//   full disk. Every file we write goes through here (one at a time).
+// - LLAVA_WRITE_LOG=FILE: each file write_file_atomic commits is appended to FILE, one path a line, so a
+//   test knows the order of a save's files without relying on timestamps (files written within one clock
+//   tick share an mtime).
+struct WriteHooks {
+  bool fault_enabled = false;
+  std::atomic<uint64_t> bytes_left{0};
+  std::string log_path;
 };
 
-WriteFault& write_fault() {
-  static WriteFault fault = [] {
-    WriteFault f;
+WriteHooks& write_hooks() {
+  static WriteHooks hooks;
+  static const bool once = [] {
     if (const char* env = std::getenv("LLAVA_FAULT_WRITE_AFTER_BYTES"); env && *env) {
-      f.enabled = true;
-      f.bytes_left = std::strtoull(env, nullptr, 10);
+      hooks.fault_enabled = true;
+      hooks.bytes_left = std::strtoull(env, nullptr, 10);
     }
-    return f;
+    if (const char* env = std::getenv("LLAVA_WRITE_LOG"); env && *env) hooks.log_path = env;
+    return true;
   }();
-  return fault;
+  (void)once;
+  return hooks;
 }
 
-ssize_t write_within_budget(void* real_file, const char* data, size_t n) {
-  uint64_t& left = write_fault().bytes_left;
-  const size_t allowed = static_cast<size_t>(std::min<uint64_t>(n, left));
-  const size_t written = allowed ? std::fwrite(data, 1, allowed, static_cast<std::FILE*>(real_file)) : 0;
-  left -= written;
-  if (written == n) return static_cast<ssize_t>(n);
-  if (written == allowed) errno = ENOSPC;  // else fwrite's own errno
-  return written ? static_cast<ssize_t>(written) : -1;
-}
-
-// The stream `fill` writes to: `file` itself, or a stream over it that runs out of space when injected.
-std::FILE* writable_stream(std::FILE* file) {
-  if (!write_fault().enabled) return file;
-  cookie_io_functions_t io{nullptr, write_within_budget, nullptr, nullptr};
-  std::FILE* stream = ::fopencookie(file, "w", io);
-  return stream ? stream : file;
-}
-
-// Flushes `stream` (and `file` under it); 0 or the errno of the first failure.
-int flush_error(std::FILE* stream, std::FILE* file) {
-  for (std::FILE* f : {stream, file}) {
-    errno = 0;
-    if (std::fflush(f) != 0 || std::ferror(f)) return errno ? errno : EIO;
+void log_committed(const std::string& path) {
+  const std::string& log = write_hooks().log_path;
+  if (log.empty()) return;
+  if (std::FILE* f = std::fopen(log.c_str(), "a")) {
+    std::fprintf(f, "%s\n", path.c_str());
+    std::fclose(f);
   }
-  return 0;
+}
+
+// Where `fill`'s stream ends up. The bytes collect in one aligned kChunk buffer that goes to the temp file
+// a whole chunk at a time with O_DIRECT (as `dd oflag=direct` and DeepSpeed's FastPersist write): a
+// checkpoint's gigabytes go straight to the disk instead of through the page cache, whose writeback
+// otherwise trails far behind the copying and leaves the final fsync waiting for most of the file. The
+// tail that is not a whole number of blocks is written after O_DIRECT is cleared. Where the filesystem
+// refuses O_DIRECT (tmpfs, some FUSE), the chunks go through the page cache and each one's writeback is
+// started right away (sync_file_range, which does not wait), so the disk still works while we copy.
+constexpr size_t kChunk = 16u << 20;
+constexpr size_t kBlock = 4096;  // O_DIRECT alignment of memory, offsets and sizes
+
+struct FileSink {
+  int fd = -1;
+  bool direct = false;
+  uint64_t written = 0;  // bytes in the file so far
+  std::unique_ptr<char, decltype(&std::free)> buffer{nullptr, &std::free};
+  size_t used = 0;  // bytes waiting in buffer
+  int error = 0;    // errno of the first failed write: the stream only keeps an error flag
+};
+
+bool set_direct(int fd, bool on) {
+  const int flags = ::fcntl(fd, F_GETFL);
+  return flags >= 0 && ::fcntl(fd, F_SETFL, on ? (flags | O_DIRECT) : (flags & ~O_DIRECT)) == 0;
+}
+
+// Writes buffer[0, n) at the end of the file; false with errno set on failure.
+bool write_out(FileSink& sink, size_t n) {
+  const char* data = sink.buffer.get();
+  const uint64_t start = sink.written;
+  size_t done = 0;
+  while (done < n) {
+    const ssize_t w = ::write(sink.fd, data + done, n - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && errno == EINVAL && sink.direct && done == 0 && set_direct(sink.fd, false)) {
+      sink.direct = false;  // O_DIRECT opened but refused here: the page cache it is
+      continue;
+    }
+    if (w <= 0) {
+      if (w == 0) errno = EIO;
+      return false;
+    }
+    done += static_cast<size_t>(w);
+    sink.written += static_cast<uint64_t>(w);
+  }
+  if (!sink.direct) ::sync_file_range(sink.fd, static_cast<off64_t>(start), static_cast<off64_t>(n), SYNC_FILE_RANGE_WRITE);
+  return true;
+}
+
+// Writes what is left in the buffer: the whole blocks directly, the rest through the page cache.
+bool write_rest(FileSink& sink) {
+  const size_t whole = sink.direct ? sink.used / kBlock * kBlock : 0;
+  if (whole > 0 && !write_out(sink, whole)) return false;
+  if (sink.used == whole) return true;
+  if (sink.direct && !set_direct(sink.fd, false)) return false;
+  sink.direct = false;
+  std::memmove(sink.buffer.get(), sink.buffer.get() + whole, sink.used - whole);
+  sink.used -= whole;
+  const bool ok = write_out(sink, sink.used);
+  sink.used = 0;
+  return ok;
+}
+
+ssize_t sink_write(void* cookie, const char* data, size_t n) {
+  auto& sink = *static_cast<FileSink*>(cookie);
+  WriteHooks& hooks = write_hooks();
+  const size_t allowed = hooks.fault_enabled ? static_cast<size_t>(std::min<uint64_t>(n, hooks.bytes_left.load())) : n;
+  if (allowed > 0 && !sink.buffer) {
+    void* buffer = nullptr;
+    if (::posix_memalign(&buffer, kBlock, kChunk) != 0) {
+      errno = sink.error = ENOMEM;
+      return -1;
+    }
+    sink.buffer.reset(static_cast<char*>(buffer));
+  }
+  size_t done = 0;
+  while (done < allowed) {
+    const size_t take = std::min(allowed - done, kChunk - sink.used);
+    std::memcpy(sink.buffer.get() + sink.used, data + done, take);
+    sink.used += take;
+    done += take;
+    if (sink.used == kChunk) {
+      if (!write_out(sink, kChunk)) {
+        sink.error = errno;
+        return -1;
+      }
+      sink.used = 0;
+    }
+  }
+  if (hooks.fault_enabled) hooks.bytes_left -= done;
+  if (done == n) return static_cast<ssize_t>(n);
+  errno = sink.error = ENOSPC;  // the injected budget ran out
+  return done ? static_cast<ssize_t>(done) : -1;
+}
+
+// Opens the temp file with O_DIRECT where the filesystem allows it.
+int open_for_writing(const std::string& tmp, bool& direct) {
+  const int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+  int fd = ::open(tmp.c_str(), flags | O_DIRECT, 0644);
+  direct = fd >= 0;
+  if (fd < 0 && errno == EINVAL) fd = ::open(tmp.c_str(), flags, 0644);
+  return fd;
 }
 
 }  // namespace
 
 void write_file_atomic(const std::string& path, const std::function<void(std::FILE*)>& fill) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  std::FILE* file = std::fopen(tmp.c_str(), "wb");
-  if (!file) fail(path, std::string("cannot create file: ") + std::strerror(errno));
-  std::FILE* stream = writable_stream(file);
-  auto close_all = [&] {
-    if (stream != file) std::fclose(stream);  // the injection's stream only: it does not close `file`
-    std::fclose(file);
-  };
+  FileSink sink;
+  sink.fd = open_for_writing(tmp, sink.direct);
+  if (sink.fd < 0) fail(path, std::string("cannot create file: ") + std::strerror(errno));
+  cookie_io_functions_t io{nullptr, sink_write, nullptr, nullptr};
+  std::FILE* stream = ::fopencookie(&sink, "w", io);
+  if (!stream) {
+    const int err = errno;
+    ::close(sink.fd);
+    std::remove(tmp.c_str());
+    fail(path, std::string("cannot create file: ") + std::strerror(err));
+  }
+  std::setvbuf(stream, nullptr, _IONBF, 0);  // the sink buffers: one copy of each byte, not two
   auto give_up = [&](const std::string& why) {
-    close_all();
+    if (stream) std::fclose(stream);
+    ::close(sink.fd);
     std::remove(tmp.c_str());
     fail(path, why);
   };
   try {
     fill(stream);
   } catch (...) {
-    close_all();
+    std::fclose(stream);
+    ::close(sink.fd);
     std::remove(tmp.c_str());
     throw;
   }
-  if (int err = flush_error(stream, file)) give_up(std::string("write failed: ") + std::strerror(err));
-  if (stream != file) std::fclose(stream);
-  stream = file;
-  if (::fsync(::fileno(file)) != 0) give_up(std::string("fsync failed: ") + std::strerror(errno));
-  if (std::fclose(file) != 0) {
+  errno = 0;
+  bool flushed = std::fflush(stream) == 0 && !std::ferror(stream);
+  if (flushed) flushed = write_rest(sink);
+  const int flush_errno = sink.error ? sink.error : errno ? errno : EIO;
+  std::fclose(stream);  // the cookie stream only: the file descriptor stays open
+  stream = nullptr;
+  if (!flushed) give_up(std::string("write failed: ") + std::strerror(flush_errno));
+  if (::fsync(sink.fd) != 0) give_up(std::string("fsync failed: ") + std::strerror(errno));
+  if (::close(sink.fd) != 0) {
+    const int err = errno;
     std::remove(tmp.c_str());
-    fail(path, std::string("close failed: ") + std::strerror(errno));
+    fail(path, std::string("close failed: ") + std::strerror(err));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
+    const int err = errno;
     std::remove(tmp.c_str());
     fail(path, std::string("rename failed: ") + std::strerror(err));
   }
   fsync_dir(std::filesystem::path(path).parent_path().string());
+  log_committed(path);
 }
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {

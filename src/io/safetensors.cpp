@@ -69,10 +69,11 @@ class MappedFile {
       }
       data_ = static_cast<uint8_t*>(p);
     }
-    ::close(fd);
+    fd_ = fd;  // kept for read_into's pread
   }
   ~MappedFile() {
     if (data_) ::munmap(data_, size_);
+    ::close(fd_);
   }
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
@@ -80,7 +81,21 @@ class MappedFile {
   uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
 
+  // Reads `n` bytes at `offset` into dst with pread (the caller checked the range against size()).
+  void read(uint64_t offset, void* dst, uint64_t n, const std::string& path) const {
+    auto* out = static_cast<uint8_t*>(dst);
+    while (n > 0) {
+      const ssize_t got = ::pread(fd_, out, std::min<uint64_t>(n, 1u << 30), static_cast<off_t>(offset));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) fail(path, got < 0 ? std::string("read failed: ") + std::strerror(errno) : "file shrank while reading");
+      out += got;
+      offset += static_cast<uint64_t>(got);
+      n -= static_cast<uint64_t>(got);
+    }
+  }
+
  private:
+  int fd_ = -1;
   uint8_t* data_ = nullptr;
   uint64_t size_ = 0;
 };
@@ -228,6 +243,17 @@ torch::Tensor SafetensorsFile::get(const std::string& name) const {
   return torch::from_blob(ptr, t.shape, [keep_alive](void*) {}, options);
 }
 
+void SafetensorsFile::read_into(const std::string& name, torch::Tensor& dst) const {
+  const TensorInfo& t = info(name);
+  const bool direct = dst.is_cpu() && dst.is_contiguous() && dst.scalar_type() == t.dtype &&
+                      dst.sizes().vec() == t.shape;
+  if (!direct) {
+    dst.copy_(get(name));
+    return;
+  }
+  map_->read(data_start_ + t.begin, dst.data_ptr(), t.end - t.begin, path_);
+}
+
 // ------------------------------------------------------------------------------------------- writing
 
 namespace {
@@ -350,6 +376,12 @@ const TensorInfo& ShardedSafetensors::info(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) throw Error("no tensor named '" + name + "' in the checkpoint");
   return files_[it->second].info(name);
+}
+
+void ShardedSafetensors::read_into(const std::string& name, torch::Tensor& dst) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw Error("no tensor named '" + name + "' in the checkpoint");
+  files_[it->second].read_into(name, dst);
 }
 
 torch::Tensor ShardedSafetensors::get(const std::string& name) const {

@@ -42,6 +42,9 @@ class SafetensorsFile {
   // A CPU tensor over the mapped bytes (no copy when the bytes are aligned for the dtype; the view
   // keeps the mapping alive), or a copy otherwise.
   torch::Tensor get(const std::string& name) const;
+  // Copies the tensor into `dst` (same shape). A contiguous CPU dst of the same dtype is filled with
+  // read(2) straight from the file: on a cold page cache about twice as fast as faulting in the mapping.
+  void read_into(const std::string& name, torch::Tensor& dst) const;
 
  private:
   std::string path_;
@@ -73,6 +76,7 @@ class ShardedSafetensors {
   bool contains(const std::string& name) const { return where_.count(name) > 0; }
   const TensorInfo& info(const std::string& name) const;
   torch::Tensor get(const std::string& name) const;
+  void read_into(const std::string& name, torch::Tensor& dst) const;  // as SafetensorsFile::read_into
   const std::vector<SafetensorsFile>& files() const { return files_; }
 
  private:

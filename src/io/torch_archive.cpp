@@ -10,6 +10,7 @@
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/pickle.h"
+#include "io/torch_compat.h"
 
 namespace llava::io {
 
@@ -33,13 +34,13 @@ void save_pt(const std::string& path, const c10::IValue& value) {
     };
     try {
       // Archive folder "archive/", as torch.save names it when writing to a stream.
-      caffe2::serialize::PyTorchStreamWriter writer(writer_fn);
-      writer.writeRecord("data.pkl", pickled.data(), pickled.size());
-      writer.writeRecord("byteorder", "little", 6);
+      auto writer = compat::stream_writer(writer_fn);  // without CRC32s where libtorch allows
+      writer->writeRecord("data.pkl", pickled.data(), pickled.size());
+      writer->writeRecord("byteorder", "little", 6);
       for (size_t i = 0; i < storages.size(); ++i)
-        writer.writeRecord("data/" + std::to_string(i), storages[i].data_ptr(),
-                           storages[i].numel() * storages[i].element_size());
-      writer.writeEndOfFile();
+        writer->writeRecord("data/" + std::to_string(i), storages[i].data_ptr(),
+                            storages[i].numel() * storages[i].element_size());
+      writer->writeEndOfFile();
     } catch (const c10::Error& e) {
       fail(path, std::string("write failed: ") + e.what_without_backtrace());
     }
@@ -64,11 +65,10 @@ c10::IValue load_pt(const std::string& path) {
       if (ref.numel > 0 && want / ref.numel != c10::elementSize(ref.dtype)) fail(path, "storage size overflows");
       if (want > file_size)
         fail(path, "storage '" + ref.key + "' claims " + std::to_string(want) + " bytes, more than the whole file");
-      auto [ptr, size] = reader.getRecord(record);
+      auto storage = torch::empty({ref.numel}, torch::TensorOptions().dtype(ref.dtype));
+      const size_t size = compat::read_record_into(reader, record, storage.data_ptr(), want);
       if (size != want)
         fail(path, "record '" + record + "' holds " + std::to_string(size) + " bytes, its storage needs " + std::to_string(want));
-      auto storage = torch::empty({ref.numel}, torch::TensorOptions().dtype(ref.dtype));
-      if (size) std::memcpy(storage.data_ptr(), ptr.get(), size);
       return storage;
     };
     return pickle::loads(pickled, load_storage, path);

@@ -1,11 +1,13 @@
 // The only place that knows which libtorch we are built against (Debian's 1.13 or the 2.x wheel).
 #pragma once
+#include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <utility>
@@ -93,6 +95,37 @@ struct AllocatorBase : c10::Allocator {
   c10::DataPtr allocate(size_t n) const override { return const_cast<AllocatorBase*>(this)->allocate_bytes(n); }
 #endif
 };
+
+// A torch.save zip writer over a write callback. libtorch >= 2.4 can leave out the CRC32 of each record
+// (what torch.save does after torch.serialization.set_crc32_options(False)): it costs a pass over every
+// byte, and neither torch.load (weights_only or not) nor PyTorchStreamReader checks it (the CRC fields
+// are 0; `unzip -t` would complain). libtorch 1.13 always computes it.
+inline constexpr bool kStreamWriterSkipsCrc32 = LLAVA_TORCH_AT_LEAST(2, 4);
+
+inline std::unique_ptr<caffe2::serialize::PyTorchStreamWriter> stream_writer(
+    const std::function<size_t(const void*, size_t)>& write) {
+#if LLAVA_TORCH_AT_LEAST(2, 4)
+  return std::make_unique<caffe2::serialize::PyTorchStreamWriter>(write, /*compute_crc32=*/false);
+#else
+  return std::make_unique<caffe2::serialize::PyTorchStreamWriter>(write);
+#endif
+}
+
+// The size of record `name` and, when it is `n` bytes, the record itself read into `dst`. libtorch >= 2.4
+// reads it straight into dst (no intermediate buffer); 1.13 can only hand out a fresh buffer, which is
+// then copied once more. Returns the record's size (nothing is copied when it is not n).
+inline size_t read_record_into(caffe2::serialize::PyTorchStreamReader& reader, const std::string& name, void* dst,
+                               size_t n) {
+#if LLAVA_TORCH_AT_LEAST(2, 4)
+  const size_t size = reader.getRecordSize(name);
+  if (size == n && n > 0) reader.getRecord(name, dst, n);
+  return size;
+#else
+  auto [data, size] = reader.getRecord(name);
+  if (size == n && n > 0) std::memcpy(dst, data.get(), n);
+  return size;
+#endif
+}
 
 // Calls `on_ready` each time autograd has accumulated a gradient into the leaf `param`'s .grad, as torch's
 // DDP Reducer does: a post hook on the parameter's AccumulateGrad node. A leaf holds that node only

@@ -28,6 +28,9 @@ struct TensorSource {
   std::string where;
   std::map<std::string, std::vector<int64_t>> shapes;
   std::function<torch::Tensor(const std::string&)> get;
+  // Copies a floating-point tensor into a parameter of its shape (Error otherwise); when absent, the
+  // loader copies get(name) itself.
+  std::function<void(const std::string&, torch::Tensor&)> read_into;
 
   bool has_prefix(const std::string& prefix) const {
     auto it = shapes.lower_bound(prefix);
@@ -37,7 +40,12 @@ struct TensorSource {
 
 TensorSource open_safetensors(const std::string& path, const std::string& where) {
   auto files = std::make_shared<io::ShardedSafetensors>(io::ShardedSafetensors::open(path));
-  TensorSource source{where, {}, [files](const std::string& name) { return files->get(name); }};
+  TensorSource source{where, {}, [files](const std::string& name) { return files->get(name); },
+                      [files, where](const std::string& name, torch::Tensor& dst) {
+                        if (!c10::isFloatingType(files->info(name).dtype))
+                          fail(where, name + ": expected a floating-point tensor");
+                        files->read_into(name, dst);
+                      }};
   for (const auto& name : files->names()) source.shapes[name] = files->info(name).shape;
   return source;
 }
@@ -55,7 +63,7 @@ void add_bin_file(const std::string& path, std::map<std::string, torch::Tensor>&
 TensorSource open_bin(const std::vector<std::string>& paths, const std::string& where) {
   auto tensors = std::make_shared<std::map<std::string, torch::Tensor>>();
   for (const auto& path : paths) add_bin_file(path, *tensors);
-  TensorSource source{where, {}, [tensors](const std::string& name) { return tensors->at(name); }};
+  TensorSource source{where, {}, [tensors](const std::string& name) { return tensors->at(name); }, nullptr};
   for (const auto& [name, tensor] : *tensors) source.shapes[name] = tensor.sizes().vec();
   return source;
 }
@@ -232,6 +240,10 @@ WeightLayout load_weights(LlavaForConditionalGeneration& model, const std::strin
 
   torch::NoGradGuard no_grad;
   for (auto& a : assignments) {
+    if (a.source->read_into) {
+      a.source->read_into(a.name, a.param);
+      continue;
+    }
     auto tensor = a.source->get(a.name);
     if (!tensor.is_floating_point()) fail(a.source->where, a.name + ": expected a floating-point tensor");
     a.param.copy_(tensor);

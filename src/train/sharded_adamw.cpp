@@ -421,8 +421,10 @@ AdamW ShardedAdamW::consolidated() {
     const auto step = std::llround(steps[0][i].item<double>() / std::max(1.0, steps[1][i].item<double>()));
     if (step == 0) continue;  // never updated: torch keeps no state for it
     const auto& shape = params_[i].sizes();
-    s.exp_avg = exp_avg.narrow(0, layout_.flat_offsets[i], params_[i].numel()).clone().view(shape);
-    s.exp_avg_sq = exp_avg_sq.narrow(0, layout_.flat_offsets[i], params_[i].numel()).clone().view(shape);
+    // Views into the freshly gathered buffers (nothing else holds them): no second copy of the state,
+    // which a checkpoint save would otherwise pay while the step waits.
+    s.exp_avg = exp_avg.narrow(0, layout_.flat_offsets[i], params_[i].numel()).view(shape);
+    s.exp_avg_sq = exp_avg_sq.narrow(0, layout_.flat_offsets[i], params_[i].numel()).view(shape);
     s.step = step;
   }
   return whole;

@@ -38,17 +38,21 @@ def world(tmp_path_factory):
                 "per_device_train_batch_size": 2, "tune_mm_mlp_adapter": True, "learning_rate": 1e-2,
                 "max_steps": 4, "save_steps": 2, "seed": 5, "logging_steps": 1}
     world = {"root": root, "settings": settings}
-    # The undisturbed run: what every other run is compared with.
-    world["reference"] = train(world, "reference")
+    # The undisturbed run: what every other run is compared with; it logs the files it writes, in order.
+    world["write_log"] = root / "reference_writes.log"
+    world["reference"] = train(world, "reference", write_log=world["write_log"])
     return world
 
 
-def train(world, name, env_budget=None, **extra):
+def train(world, name, env_budget=None, write_log=None, **extra):
     out = world["root"] / name
     cfg = world["root"] / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({**world["settings"], "output_dir": str(out), **extra}))
     env = dict(os.environ)
     env.pop("LLAVA_FAULT_WRITE_AFTER_BYTES", None)
+    env.pop("LLAVA_WRITE_LOG", None)
+    if write_log is not None:
+        env["LLAVA_WRITE_LOG"] = str(write_log)
     if env_budget is not None:
         env["LLAVA_FAULT_WRITE_AFTER_BYTES"] = str(env_budget)
     proc = run([binary(), "train", cfg], check=env_budget is None, env=env, timeout=300)
@@ -56,9 +60,14 @@ def train(world, name, env_budget=None, **extra):
 
 
 def written_in_order(world, ckpt):
-    """The checkpoint's files in the order they were written: every one goes through our atomic writer
-    (config.json too) and is renamed into place when complete, so mtimes order them."""
-    return [p.name for p in sorted(ckpt.iterdir(), key=lambda p: p.stat().st_mtime_ns)]
+    """The checkpoint's files in the order the reference run wrote them: every one goes through our atomic
+    writer (config.json too), which logs each file it commits (LLAVA_WRITE_LOG) into the checkpoint's
+    partial folder, renamed to `ckpt` once complete. (Not mtimes: files written within one clock tick
+    share one.)"""
+    names = [line.rsplit("/", 1) for line in world["write_log"].read_text().splitlines()]
+    order = [name for folder, name in names if folder.endswith(f".{ckpt.name}.partial") or folder.endswith(f"/{ckpt.name}")]
+    assert sorted(order) == sorted(p.name for p in ckpt.iterdir()), (order, world["write_log"].read_text())
+    return order
 
 
 def sizes(ckpt, names):
