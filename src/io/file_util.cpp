@@ -104,8 +104,8 @@ bool write_out(FileSink& sink, size_t n) {
   while (done < n) {
     const ssize_t w = ::write(sink.fd, data + done, n - done);
     if (w < 0 && errno == EINTR) continue;
-    if (w < 0 && errno == EINVAL && sink.direct && done == 0 && set_direct(sink.fd, false)) {
-      sink.direct = false;  // O_DIRECT opened but refused here: the page cache it is
+    if (w < 0 && errno == EINVAL && sink.direct && set_direct(sink.fd, false)) {
+      sink.direct = false;  // O_DIRECT refused (or a short write left us unaligned): the page cache it is
       continue;
     }
     if (w <= 0) {

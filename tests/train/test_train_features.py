@@ -208,6 +208,7 @@ def test_kills_at_random_moments_then_resume_is_bitwise(world, stage, ranks):
         log = world["root"] / f"{name}.{attempt}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(command(world, name, s, ranks), stdout=out, stderr=subprocess.STDOUT)
+            killed = False
             if kills < 10:
                 # Kill during the first steps and saves of this attempt, whatever the machine's speed.
                 wait_for(proc, log, "training:", count=rng.randint(1, 3))
@@ -218,11 +219,15 @@ def test_kills_at_random_moments_then_resume_is_bitwise(world, stage, ranks):
                     try:
                         os.kill(target, sig)
                         kills += 1
+                        killed = True
                     except ProcessLookupError:
                         pass
-            started = time.time()
-            code = proc.wait(timeout=120)
-            assert time.time() - started < 60, "the surviving rank did not stop in time"
+            if killed:
+                started = time.time()
+                code = proc.wait(timeout=120)
+                assert time.time() - started < 60, "the surviving rank did not stop in time"
+            else:  # the attempt that runs to the end: up to `steps` steps, each with a save (a hang still fails)
+                code = proc.wait(timeout=900)
         text = log.read_text()
         if ranks == 1:
             assert code in (0, -signal.SIGKILL, -signal.SIGTERM) and "error:" not in text, text  # killed, not failed
