@@ -446,7 +446,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   // Stage 2 starts from stage 1's projector (LLaVA's --pretrain_mm_mlp_adapter .../mm_projector.bin).
   if (!cfg.pretrain_mm_mlp_adapter.empty()) load_projector_weights(model, cfg.pretrain_mm_mlp_adapter);
   // As HF Trainer's set_seed(args.seed): the global generator starts from `seed` in every run (PEFT's init
-  // draws lora_A from it, and rng_state.pth is then the same for identical runs of any stage).
+  // draws lora_A from it, and llava_rng_state.safetensors is then the same for identical runs of any stage).
   torch::manual_seed(cfg.data.seed);
   std::vector<LoraModule> lora;
   if (cfg.lora_enable) {

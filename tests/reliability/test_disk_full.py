@@ -65,7 +65,7 @@ def written_in_order(world, ckpt):
     partial folder, renamed to `ckpt` once complete. (Not mtimes: files written within one clock tick
     share one.)"""
     names = [line.rsplit("/", 1) for line in world["write_log"].read_text().splitlines()]
-    order = [name for folder, name in names if folder.endswith(f".{ckpt.name}.partial") or folder.endswith(f"/{ckpt.name}")]
+    order = [name for folder, name in names if folder.endswith(f".{ckpt.name}.partial")]
     assert sorted(order) == sorted(p.name for p in ckpt.iterdir()), (order, world["write_log"].read_text())
     return order
 
