@@ -9,7 +9,8 @@ handed the batches `llava preprocess` wrote (no data loading in its timed steps)
 dataloader_num_workers 0, so its step time includes that. Peak RSS is each process's ru_maxrss.
 Ours and HF alternate, and each ratio is ours/HF of one back-to-back pair.
 
-    .venv/bin/python bench/bench_train.py BUILD_DIR [--repeats 3] [--steps 7] [--warmup 2] [--json OUT]
+    .venv/bin/python bench/bench_train.py BUILD_DIR [--repeats 3] [--steps 7] [--warmup 2] [--model bench|llava7b-widths]
+        [--stages stage1,lora,full] [--json OUT]
 """
 import argparse
 import json
@@ -118,12 +119,15 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--stages", default="stage1,lora,full")
+    ap.add_argument("--model", default="bench", choices=sorted(common.MODELS),
+                    help="bench: 136M parameters; llava7b-widths: LLaVA-7B layer widths, 2 decoder layers (~1B)")
+    ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--json")
     args = ap.parse_args()
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as root:
-        base, counts = common.make_world(root, samples=16, batch=args.batch)
+        base, counts = common.make_world(root, samples=args.samples, batch=args.batch, model_spec=common.MODELS[args.model])
         base["max_steps"] = args.steps
         batches = os.path.join(root, "batches.safetensors")
         common.run_timed([os.path.join(args.build_dir, "src", "cli", "llava"), "preprocess",

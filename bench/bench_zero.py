@@ -18,7 +18,7 @@ parameter's: the formulas leave that out). Not a test.
 The model is common.SMALL_MODEL with a 1024-entry vocabulary: with 4096 its embedding and lm_head are 20% of
 Ψ each, far from a real LLaVA (Vicuna-7B's are 2%), and under ZeRO 2 the largest gradient would dominate
 the difference. Full fine-tune (vision tower frozen), accumulation 2, 2 optimizer steps (the peak comes
-once the moments exist). Multi-rank runs need Gloo, which only the Debian libtorch 1.13 build (build/) has.
+once the moments exist). Multi-rank runs use Gloo (build/).
 
     .venv/bin/python bench/bench_zero.py [--build build] [--ranks 1,2,4] [--bucket 32768] [--json OUT]
 """
@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--bucket", type=int, default=32768, help="reduce_bucket_size (elements)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    llava, launcher = os.path.join(args.build, "src", "cli", "llava"), os.path.join(args.build, "src", "dist", "llava-run")
+    llava, launcher = os.path.join(args.build, "src", "cli", "llava"), os.path.join(args.build, "src", "distributed", "llava-run")
     if not (os.path.exists(llava) and os.path.exists(launcher)):
         return not_available(f"no {llava} or {launcher}", args.json)
     mib = lambda b: f"{b / 2**20:.2f}"

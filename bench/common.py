@@ -71,6 +71,13 @@ def dir_bytes(directory):
 
 
 # A small one for the multi-rank ZeRO runs (4 ranks on 2 cores): the formulas only depend on Ψ.
+# LLaVA-1.5-7B's layer widths (CLIP ViT-L/14 at 336 px, 24 layers; Llama 4096 wide, 32 heads, intermediate
+# 11008, vocab 32000) with 2 decoder layers instead of 32: ~1B parameters, what one CPU step can take.
+LLAVA7B_WIDTHS_MODEL = dict(vocab=32000, hidden=4096, intermediate=11008, layers=2, heads=32,
+                            vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
+                            image_size=336, patch_size=14)
+MODELS = {"bench": BENCH_MODEL, "llava7b-widths": LLAVA7B_WIDTHS_MODEL}
+
 SMALL_MODEL = dict(BENCH_MODEL, vocab=4096, hidden=256, intermediate=688, layers=4, heads=4, vision_hidden=128,
                    vision_intermediate=512, vision_layers=2, vision_heads=4, image_size=112)
 

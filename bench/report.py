@@ -59,11 +59,11 @@ def main():
     if zero:
         merged["zero"] = zero
         if not zero["available"]:
-            rows.append(("ZeRO memory (Debian build, Gloo)", "ZeRO formulas", "not available", zero["why"][:60]))
+            rows.append(("ZeRO memory (Gloo)", "ZeRO formulas", "not available", zero["why"][:60]))
         for r in zero.get("runs", []):
             rows.append((f"ZeRO-{r['stage']} {'bf16' if r['bf16'] else 'fp32'} {r['ranks']} ranks, rank {r['rank']} "
                          "params+grads+optimizer", r["formula"], f"{r['ratio']:.4f}",
-                         f"{r['total_bytes'] / 2**20:.2f} MiB (Debian build, Gloo)"))
+                         f"{r['total_bytes'] / 2**20:.2f} MiB (Gloo)"))
     common.print_table(rows, ("figure", "against", "ratio median [min..max]", "absolute"))
     print("ratios: speed = ours/HF throughput (>1: we are faster); RSS = ours/HF (<1: we use less); "
           "checkpoint = fraction of the disk's dd bandwidth")

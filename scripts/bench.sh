@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# Runs every benchmark against the libtorch 2.13 build (build-torch2/, or BUILD=dir) and writes a table to
+# Runs every benchmark against the default build (build/, or BUILD=dir) and writes a table to
 # stdout and bench/results/latest.json. Each figure is a ratio against its peer measured in the same run
 # (HF transformers + PEFT in the oracle venv, the disk's dd bandwidth, the ZeRO formulas), with
-# min/median/max over REPEATS. ZeRO needs Gloo, i.e. the Debian build (ZERO_BUILD, default build/).
+# min/median/max over REPEATS.
 # Not a test: nothing is asserted; the machine's load shows in the spread. About 15 minutes on 2 cores.
 #   scripts/bench.sh [train] [checkpoint] [loader] [zero]     (default: all)
-#   env: BUILD, ZERO_BUILD, REPEATS (3), STEPS (6), THREADS (nproc), BENCH_TMP (temp dir parent)
+#   env: BUILD, REPEATS (3), STEPS (6), THREADS (nproc), BENCH_TMP (temp dir parent)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUILD=${BUILD:-build-torch2}
-ZERO_BUILD=${ZERO_BUILD:-build}
+BUILD=${BUILD:-build}
 REPEATS=${REPEATS:-3}
 STEPS=${STEPS:-6}
 THREADS=${THREADS:-$(nproc)}
@@ -19,7 +18,7 @@ mkdir -p "$OUT/parts"
 export PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error
 
 for tool in "$BUILD/src/cli/llava" "$BUILD/tests/data/llava_data_tool"; do
-  [ -x "$tool" ] || { echo "missing $tool: scripts/build.sh torch2 (or BUILD=...)" >&2; exit 1; }
+  [ -x "$tool" ] || { echo "missing $tool: scripts/build.sh cpu (or BUILD=...)" >&2; exit 1; }
 done
 
 parts=("$@")
@@ -33,7 +32,7 @@ run_part() {
     loader) train_json=()
             [ -f "$OUT/parts/train.json" ] && train_json=(--train-json "$OUT/parts/train.json")
             $PY bench/bench_loader.py "$BUILD" --repeats "$REPEATS" "${train_json[@]}" --json "$OUT/parts/loader.json" ;;
-    zero) $PY bench/bench_zero.py --build "$ZERO_BUILD" --json "$OUT/parts/zero.json" ;;
+    zero) $PY bench/bench_zero.py --build "$BUILD" --json "$OUT/parts/zero.json" ;;
     *) echo "unknown part '$1' (train, checkpoint, loader, zero)" >&2; exit 2 ;;
   esac
 }

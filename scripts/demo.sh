@@ -4,6 +4,6 @@
 # interrupted and resumed), and answers questions about held-out images. Output in ${DEMO_OUT:-demo-out}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --system
-scripts/build.sh debian
+scripts/setup.sh
+scripts/build.sh cpu
 scripts/demo-run.sh build "${DEMO_OUT:-demo-out}"

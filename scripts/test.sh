@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# The project's test command: set-up if needed, all four builds, ctest on the first three (build-asan: the
-# Catch2 tests only), every fuzz target for FUZZ_SECONDS, one summary.
+# The project's test command: set-up if needed, the four builds, ctest in each, every fuzz target for
+# FUZZ_SECONDS, one summary line.
+#   build/       every test
+#   build-cuda/  the CUDA libtorch on this GPU-less machine: every Catch2 test and the multi-rank tests
+#                (CTEST_CUDA_LABELS), which shows the CUDA build runs the CPU paths; the rest are the same code
+#   build-asan/  the Catch2 tests under ASan + UBSan
 set -uo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh || exit 1
-scripts/build.sh debian torch2 asan fuzz || exit 1
+scripts/setup.sh --cuda || exit 1
+scripts/build.sh cpu cuda asan fuzz || exit 1
 
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0  # libtorch's static registries "leak" by design
 export UBSAN_OPTIONS=print_stacktrace=1
 total_pass=0 total_fail=0 status=0
-for dir in build build-torch2 build-asan; do
+for dir in build build-cuda build-asan; do
   echo "== ctest $dir"
   log="$dir/ctest.log"
-  only=(); [ "$dir" = build-asan ] && only=(-L catch)
+  only=()
+  [ "$dir" = build-cuda ] && only=(-L "${CTEST_CUDA_LABELS:-catch|multirank}")
+  [ "$dir" = build-asan ] && only=(-L catch)
   (cd "$dir" && ctest --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 1200 "${only[@]}") 2>&1 | tee "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   summary=$(grep -E "tests passed, [0-9]+ tests failed out of [0-9]+" "$log" | tail -1)

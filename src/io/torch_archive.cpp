@@ -10,7 +10,6 @@
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/pickle.h"
-#include "io/torch_compat.h"
 
 namespace llava::io {
 
@@ -24,8 +23,8 @@ void save_pt(const std::string& path, const c10::IValue& value) {
   std::vector<torch::Tensor> storages;
   const std::string pickled = pickle::dumps(value, storages);
   write_file_atomic(path, [&](std::FILE* file) {
-    // A short count would make the writer throw, and libtorch 1.13's writer then throws again from its
-    // destructor (std::terminate). So a failed write is remembered and reported after the writer is done.
+    // A short count would make the writer throw, and a writer destroyed during that unwinding may throw
+    // again (std::terminate). So a failed write is remembered and reported after the writer is done.
     int write_errno = 0;
     auto writer_fn = [&](const void* data, size_t n) -> size_t {
       if (n == 0 || write_errno) return n;
@@ -33,8 +32,10 @@ void save_pt(const std::string& path, const c10::IValue& value) {
       return n;
     };
     try {
-      // Archive folder "archive/", as torch.save names it when writing to a stream.
-      auto writer = compat::stream_writer(writer_fn);  // without CRC32s where libtorch allows
+      // Archive folder "archive/", as torch.save names it when writing to a stream. No CRC32 per record
+      // (as torch.save after set_crc32_options(False)): it costs a pass over every byte, and neither
+      // torch.load (weights_only or not) nor PyTorchStreamReader checks it.
+      auto writer = std::make_unique<caffe2::serialize::PyTorchStreamWriter>(writer_fn, /*compute_crc32=*/false);
       writer->writeRecord("data.pkl", pickled.data(), pickled.size());
       writer->writeRecord("byteorder", "little", 6);
       for (size_t i = 0; i < storages.size(); ++i)
@@ -66,7 +67,8 @@ c10::IValue load_pt(const std::string& path) {
       if (want > file_size)
         fail(path, "storage '" + ref.key + "' claims " + std::to_string(want) + " bytes, more than the whole file");
       auto storage = torch::empty({ref.numel}, torch::TensorOptions().dtype(ref.dtype));
-      const size_t size = compat::read_record_into(reader, record, storage.data_ptr(), want);
+      const size_t size = reader.getRecordSize(record);  // read straight into the tensor when it fits
+      if (size == want && want > 0) reader.getRecord(record, storage.data_ptr(), want);
       if (size != want)
         fail(path, "record '" + record + "' holds " + std::to_string(size) + " bytes, its storage needs " + std::to_string(want));
       return storage;

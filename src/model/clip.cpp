@@ -4,8 +4,8 @@
 #include <cmath>
 
 #include "io/error.h"
-#include "io/torch_compat.h"
 #include "model/checkpointing.h"
+#include "model/layers.h"
 
 namespace llava::model {
 
@@ -43,7 +43,7 @@ torch::Tensor ClipAttentionImpl::forward(const torch::Tensor& x) {
   int64_t n = x.size(0), s = x.size(1);
   auto heads = [&](const torch::Tensor& t) { return t.view({n, s, num_heads, head_dim}).transpose(1, 2); };
   auto q = heads(q_proj(x)), k = heads(k_proj(x)), v = heads(v_proj(x));  // [N,h,S,d]
-  auto out = compat::attention(q, k, v, {}, 1.0 / std::sqrt(static_cast<double>(head_dim)));
+  auto out = attention(q, k, v, {}, 1.0 / std::sqrt(static_cast<double>(head_dim)));
   return out_proj(out.transpose(1, 2).reshape({n, s, num_heads * head_dim}));
 }
 

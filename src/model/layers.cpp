@@ -1,7 +1,6 @@
 #include "model/layers.h"
 
 #include "io/error.h"
-#include "io/torch_compat.h"
 
 namespace llava::model {
 
@@ -36,6 +35,20 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& o
   weight = register_parameter("weight", torch::empty({dim}, options));
 }
 
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return compat::rms_norm(x, weight, eps); }
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& mask, double scale) {
+  // An undefined mask must reach SDPA as "no mask" (nullopt), not as an optional holding nothing.
+  std::optional<at::Tensor> attn_mask = mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
+  return at::scaled_dot_product_attention(q, k, v, attn_mask, /*dropout_p=*/0.0, /*is_causal=*/false, scale);
+}
+
+// at::rms_norm is one kernel instead of five element-wise passes (and their saved temporaries); forward and
+// backward were checked bitwise equal to HF's composite for fp32 and bf16. For other dtypes than fp32 the
+// weight is applied afterwards, so HF's cast-then-scale rounding is kept.
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  if (x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32)
+    return at::rms_norm(x, {weight.size(0)}, weight, eps);
+  return weight * at::rms_norm(x, {weight.size(0)}, std::nullopt, eps);
+}
 
 }  // namespace llava::model

@@ -32,6 +32,11 @@ class LayerNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LayerNorm);
 
+// softmax(q k^T * scale + mask) v through torch's SDPA (flash / memory-efficient kernels where the device
+// has them). q: [B,H,Tq,D], k/v: [B,H,Tk,D], mask: additive, broadcastable to [B,H,Tq,Tk], or undefined.
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& mask, double scale);
+
 // LlamaRMSNorm: normalize in fp32, cast back to the input dtype, then scale by weight in that dtype.
 class RMSNormImpl : public torch::nn::Module {
  public:

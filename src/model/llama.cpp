@@ -5,8 +5,8 @@
 #include <limits>
 
 #include "io/error.h"
-#include "io/torch_compat.h"
 #include "model/checkpointing.h"
+#include "model/layers.h"
 
 namespace llava::model {
 
@@ -66,7 +66,7 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
     cv = v;
   }
   int64_t n_rep = num_heads / num_kv_heads;
-  auto out = compat::attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask.additive,
+  auto out = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask.additive,
                                1.0 / std::sqrt(static_cast<double>(head_dim)));  // [B,h,T,d]
   if (mask.live_rows.defined()) out = out.masked_fill(mask.live_rows.logical_not(), 0);
   return o_proj(out.transpose(1, 2).reshape({b, t, num_heads * head_dim}));
@@ -92,7 +92,7 @@ torch::Tensor LlamaAttentionImpl::forward_rows(const torch::Tensor& x, const tor
     const int64_t count = counts[i].item<int64_t>();
     if (count == 0) continue;
     const auto pos = position.narrow(0, first, count);
-    auto out = compat::attention(q.narrow(2, first, count), repeat_kv(k.narrow(0, i, 1), n_rep),
+    auto out = attention(q.narrow(2, first, count), repeat_kv(k.narrow(0, i, 1), n_rep),
                                  repeat_kv(v.narrow(0, i, 1), n_rep), mask.additive.narrow(0, i, 1).index_select(2, pos),
                                  1.0 / std::sqrt(static_cast<double>(head_dim)));
     if (mask.live_rows.defined())

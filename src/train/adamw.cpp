@@ -2,7 +2,6 @@
 
 #include <cmath>
 
-#include "io/torch_compat.h"
 
 namespace llava::train {
 
@@ -31,19 +30,11 @@ void AdamW::step() {
 
 void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                   int64_t step, double lr, double weight_decay, const AdamWOptions& options) {
-  // One pass over memory where libtorch has the fused kernel (torch's AdamW(fused=True)).
-  if (compat::fused_adamw_step({param}, {grad}, {exp_avg}, {exp_avg_sq}, {step}, lr, options.beta1, options.beta2,
-                               weight_decay, options.eps))
-    return;
-  // Same op order as torch's _single_tensor_adam with decoupled weight decay.
-  if (weight_decay != 0) param.mul_(1 - lr * weight_decay);
-  exp_avg.lerp_(grad, 1 - options.beta1);
-  exp_avg_sq.mul_(options.beta2).addcmul_(grad, grad, 1 - options.beta2);
-  const double bias_correction1 = 1 - std::pow(options.beta1, static_cast<double>(step));
-  const double bias_correction2 = 1 - std::pow(options.beta2, static_cast<double>(step));
-  const double step_size = lr / bias_correction1;
-  auto denom = (exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(options.eps);
-  param.addcdiv_(exp_avg, denom, -step_size);
+  // torch's AdamW(fused=True): one pass over memory. `step` is this update's count (already incremented),
+  // as torch passes state_steps.
+  auto step_tensor = torch::scalar_tensor(static_cast<double>(step), torch::TensorOptions().dtype(torch::kFloat32).device(param.device()));
+  at::_fused_adamw_({param}, {grad}, {exp_avg}, {exp_avg_sq}, /*max_exp_avg_sqs=*/{}, {step_tensor}, lr, options.beta1,
+                    options.beta2, weight_decay, options.eps, /*amsgrad=*/false, /*maximize=*/false);
 }
 
 void AdamW::zero_grad() {

@@ -5,7 +5,7 @@
 #include <map>
 #include <unordered_set>
 
-#include "dist/buckets.h"
+#include "distributed/buckets.h"
 #include "io/error.h"
 
 namespace llava::train {
@@ -107,7 +107,7 @@ void ShardedAdamW::start_micro_batch() {
 
 void ShardedAdamW::install_gradient_hooks() {
   for (size_t i = 0; i < params_.size(); ++i)
-    hooks_.push_back(std::make_unique<compat::GradAccumulatedHook>(params_[i], [this, i] { on_gradient_ready(i); }));
+    hooks_.push_back(std::make_unique<GradAccumulatedHook>(params_[i], [this, i] { on_gradient_ready(i); }));
 }
 
 void ShardedAdamW::on_gradient_ready(size_t param) {
@@ -128,8 +128,7 @@ void ShardedAdamW::on_gradient_ready(size_t param) {
 // parameter whose buckets are all reduced. Collective: every rank reduces the same buckets in the same order.
 void ShardedAdamW::reduce_bucket(size_t b) {
   const Bucket& bucket = buckets_[b];
-  const auto dtype = comm_.reduces_natively(bucket.dtype) ? bucket.dtype : torch::kFloat32;
-  auto flat = torch::empty({bucket.numel}, torch::TensorOptions().dtype(dtype));
+  auto flat = torch::empty({bucket.numel}, torch::TensorOptions().dtype(bucket.dtype));
   int64_t at = 0;
   for (const Segment& s : bucket.segments) {
     auto slot = flat.narrow(0, at, s.length);

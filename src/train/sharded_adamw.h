@@ -35,10 +35,10 @@
 
 #include <torch/torch.h>
 
-#include "dist/communicator.h"
-#include "dist/zero_layout.h"
-#include "io/torch_compat.h"
+#include "distributed/communicator.h"
+#include "distributed/zero_layout.h"
 #include "train/adamw.h"
+#include "train/grad_accumulated_hook.h"
 
 namespace llava::train {
 
@@ -177,7 +177,7 @@ class ShardedAdamW {
   size_t next_bucket_ = 0;
   std::vector<size_t> arrival_order_;  // ZeRO 2, first micro-batch of the run
   bool bucket_order_fixed_ = false;
-  std::vector<std::unique_ptr<compat::GradAccumulatedHook>> hooks_;
+  std::vector<std::unique_ptr<GradAccumulatedHook>> hooks_;
   MemoryUsage peak_memory_;
 };
 

@@ -15,7 +15,7 @@
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/peft_adapter.h"
 #include "data/config.h"
-#include "dist/communicator.h"
+#include "distributed/communicator.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"

@@ -8,11 +8,9 @@
 
 #include <c10/core/CPUAllocator.h>
 
-#include "io/torch_compat.h"
-
 namespace llava::test {
 
-class CpuMemoryCounter : public compat::AllocatorBase {
+class CpuMemoryCounter : public c10::Allocator {
  public:
   // Installs the counter in front of the current CPU allocator (once per process; it stays installed).
   static CpuMemoryCounter& install() {
@@ -28,7 +26,7 @@ class CpuMemoryCounter : public compat::AllocatorBase {
   int64_t peak_bytes() const { return peak_.load(); }
   void reset_peak() { peak_.store(live_.load()); }
 
-  c10::DataPtr allocate_bytes(size_t n) override {
+  c10::DataPtr allocate(size_t n) override {
     c10::DataPtr inner = inner_->allocate(n);
     void* data = inner.get();
     if (!data) return inner;  // empty storage
@@ -44,6 +42,7 @@ class CpuMemoryCounter : public compat::AllocatorBase {
     return {data, data, &release, c10::Device(c10::kCPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
  private:
   struct Allocation {

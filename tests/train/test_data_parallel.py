@@ -8,6 +8,7 @@ within 1e-6 relative; every rank must end with bitwise-identical weights. Resumi
 another world size continues the same global sample order."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -37,15 +38,21 @@ STAGES = {"lora": {"lora_enable": True, "lora_r": 4, "lora_alpha": 8},
           "stage1": {"tune_mm_mlp_adapter": True}}
 
 
-def train(world, name, ranks, settings, extra=()):
-    """`llava train` on `ranks` processes (1: plain, no launcher); returns (stdout, metrics, weights by rank)."""
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")  # the oracle venv's, torch 2.13 like our libtorch
+
+
+def train(world, name, ranks, settings, extra=(), launcher="llava-run"):
+    """`llava train` on `ranks` processes (1: plain, no launcher) under llava-run or the real torchrun (whose
+    agent hosts the store); returns (stdout, metrics, weights by rank)."""
     root = world["root"]
     cfg = root / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({**world["base"], "output_dir": str(root / name),
                                    "per_device_train_batch_size": GLOBAL_BATCH // ranks, **settings}))
     metrics, weights = root / f"{name}.json", root / f"{name}.safetensors"
     cmd = [binary(), "train", cfg, "--metrics-out", metrics, "--save-trainables", weights, *extra]
-    if ranks > 1:
+    if launcher == "torchrun":
+        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", "--no-python", *cmd]
+    elif ranks > 1:
         cmd = [binary("LLAVA_RUN"), "--standalone", f"--nproc_per_node={ranks}", *cmd]
     proc = run(cmd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "LLAVA_DIST_TIMEOUT": "120"})
     by_rank = [load_file(str(weights))] + [load_file(f"{weights}.rank{r}") for r in range(1, ranks)]
@@ -104,6 +111,22 @@ def test_ranks_and_zero_stages_equal_one_process(world, single, ranks, zero):
             assert abs(b - total / ranks) <= 8 * z["padding_numel"], (b, total / ranks)
     if zero > 0:
         assert sum(z["optimizer_state_bytes"]) == total
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_real_torchrun_equals_llava_run(world, ranks):
+    """The venv's torchrun (its agent hosts the TCPStore; every rank connects as a client) launching
+    `llava train` directly: LoRA under ZeRO 2 ends with the same weights, bit for bit, as under llava-run."""
+    s = {**STAGES["lora"], "zero_stage": 2}
+    _, want, want_w = train(world, f"lora_{ranks}r_llava_run", ranks, s)
+    stdout, got, got_w = train(world, f"lora_{ranks}r_torchrun", ranks, s, launcher="torchrun")
+    assert f"x {ranks} ranks" in stdout and "ZeRO 2" in stdout
+    assert [m["loss"] for m in got["steps"]] == [m["loss"] for m in want["steps"]]
+    for r in range(ranks):
+        assert sorted(got_w[r]) == sorted(want_w[r])
+        for n in want_w[r]:
+            assert torch.equal(got_w[r][n], want_w[r][n]), (r, n)
+    print(f"torchrun {ranks} ranks: {len(got['steps'])} steps, {len(want_w[0])} tensors bitwise equal to llava-run")
 
 
 @pytest.mark.parametrize("stage", ["lora", "stage1"])

@@ -112,10 +112,7 @@ def wait_for(proc, path, needle, timeout=120, count=1):
     raise AssertionError(f"no {needle!r} within {timeout}s")
 
 
-# Multi-rank cases exist only where the build has a process group (Gloo: the Debian libtorch build); the
-# other build does not collect them at all (CMake sets LLAVA_HAS_GLOO).
-MULTI_RANK = os.environ.get("LLAVA_HAS_GLOO") == "1"
-RANKS = [1, 2] if MULTI_RANK else [1]
+RANKS = [1, 2]
 
 
 def command(world, name, s, ranks, metrics=True):
@@ -186,7 +183,7 @@ def test_stop_in_the_middle_of_accumulation_then_resume_is_bitwise(world, stage,
     print(f"{stage}, {ranks} rank(s): stopped inside step 3's window, resumed at checkpoint-2: bitwise equal")
 
 
-KILL_CASES = [("stage1", 1), ("lora", 1)] + ([("lora", 2)] if MULTI_RANK else [])
+KILL_CASES = [("stage1", 1), ("lora", 1), ("lora", 2)]
 
 
 @pytest.mark.parametrize("stage,ranks", KILL_CASES)

@@ -1,4 +1,4 @@
-#include "dist/launcher/launcher.h"
+#include "distributed/launcher/launcher.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>

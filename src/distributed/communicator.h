@@ -1,7 +1,6 @@
 // A thin communicator over a c10d process group: the collectives a data-parallel / ZeRO trainer needs,
-// on flat tensors. Where the backend lacks a collective (Gloo in libtorch 1.13 has no reduce_scatter,
-// no _allgather_base, no bf16 allreduce, no AVG) it is built from ones that work; NCCL uses the native
-// ones. A single-process run (no torchrun variables) has world size 1 and no process group at all:
+// on flat tensors, each the backend's native one (Gloo and NCCL alike: fp32/bf16 allreduce,
+// _reduce_scatter_base, _allgather_base; AVG is SUM / N). A single-process run (no torchrun variables) has world size 1 and no process group at all:
 // every collective is then the identity.
 #pragma once
 #include <torch/torch.h>
@@ -10,7 +9,7 @@
 #include <memory>
 #include <string>
 
-#include "dist/dist_env.h"
+#include "distributed/dist_env.h"
 
 namespace llava::dist {
 
@@ -27,9 +26,6 @@ struct CommOptions {
   // asked for (tests of the backend itself). This also keeps a 1-rank run independent of the store.
   bool group_for_single_rank = false;
 };
-
-// True when this build can run a process group with more than one rank.
-bool has_multiprocess_backend();
 
 class Communicator {
  public:
@@ -49,11 +45,7 @@ class Communicator {
   const DistEnv& env() const { return env_; }
   std::string backend_name() const;  // "gloo", "nccl" or "none"
 
-  // Whether allreduce() sums `dtype` in the backend itself; otherwise it makes an fp32 copy of the tensor
-  // (bf16 on Gloo), so a caller that keeps buffers small builds them in fp32 to begin with.
-  bool reduces_natively(torch::Dtype dtype) const;
-  // In place. fp32 or bf16 (bf16 is summed in fp32 where the backend cannot, then rounded once).
-  // Every rank ends with bitwise-identical values.
+  // In place. fp32 or bf16 (summed by the backend in that dtype). Every rank ends with bitwise-identical values.
   void allreduce(torch::Tensor& tensor, Reduce op);
   // In place: every rank gets root's values.
   void broadcast(torch::Tensor& tensor, int root);

@@ -16,9 +16,9 @@
 #include <iostream>
 #include <thread>
 
-#include "dist/buckets.h"
-#include "dist/communicator.h"
-#include "dist/zero_layout.h"
+#include "distributed/buckets.h"
+#include "distributed/communicator.h"
+#include "distributed/zero_layout.h"
 #include "io/error.h"
 
 namespace dist = llava::dist;

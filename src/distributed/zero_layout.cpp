@@ -1,4 +1,4 @@
-#include "dist/zero_layout.h"
+#include "distributed/zero_layout.h"
 
 #include <algorithm>
 #include <set>

@@ -1,28 +1,18 @@
-#include "dist/communicator.h"
+#include "distributed/communicator.h"
 
 #include <sstream>
 
-#include "io/error.h"
-#include "io/torch_compat.h"
-
-#if defined(LLAVA_HAS_GLOO) || defined(LLAVA_HAS_NCCL)
-#define LLAVA_HAS_C10D 1
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#endif
-#ifdef LLAVA_HAS_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#endif
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "io/error.h"
 #ifdef LLAVA_HAS_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
 namespace llava::dist {
 namespace {
-
-std::string torch_version_text() {
-  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
-}
 
 void check_float_dtype(const torch::Tensor& t, const char* collective) {
   auto dtype = t.scalar_type();
@@ -31,40 +21,24 @@ void check_float_dtype(const torch::Tensor& t, const char* collective) {
          std::string("expected a float32/bfloat16/float64 tensor, got ") + c10::toString(dtype));
 }
 
-}  // namespace
-
-#ifdef LLAVA_HAS_C10D
-
-namespace {
-
 std::string seconds_text(std::chrono::milliseconds ms) {
   std::ostringstream out;
   out << static_cast<double>(ms.count()) / 1000.0 << "s";
   return out.str();
 }
 
-// c10::Error::what() carries a C++ backtrace in libtorch 1.13; the message alone is what users need.
+// c10::Error::what() may carry a C++ backtrace; the message alone is what users need.
 std::string exception_text(const std::exception& e) {
   if (auto* c10_error = dynamic_cast<const c10::Error*>(&e)) return c10_error->what_without_backtrace();
   return e.what();
 }
 
-// Collectives that only move bytes (broadcast, all-gather) do not care about the dtype; bf16 travels
-// as raw bytes ([N] bf16 -> [2N] uint8) so that backends without bf16 (Gloo in 1.13) move it exactly.
-torch::Tensor as_movable_bits(const torch::Tensor& t) {
-  return t.scalar_type() == torch::kBFloat16 ? t.view(torch::kUInt8) : t;
-}
-
 }  // namespace
-
-using compat::C10dBackend;
 
 struct Communicator::Group {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<C10dBackend> backend;
+  c10::intrusive_ptr<c10d::Backend> backend;
   std::string name;
-  bool native_flat_collectives = false;  // _allgather_base / _reduce_scatter_base
-  bool native_bf16_reduce = false;
   std::chrono::milliseconds timeout{0};
   std::string where;  // "rank R of N, gloo" for error messages
 
@@ -124,7 +98,7 @@ c10::intrusive_ptr<c10d::Store> connect_store(const DistEnv& env, std::chrono::m
 void wait_for_all_ranks(c10d::Store& store, const DistEnv& env, std::chrono::milliseconds timeout) {
   std::vector<std::string> keys;
   for (int r = 0; r < env.world_size; ++r) keys.push_back("joined/" + std::to_string(r));
-  store.set(keys[env.rank], {1});
+  store.set(keys[env.rank], std::vector<uint8_t>{1});
   try {
     store.wait(keys, timeout);
   } catch (const std::exception& e) {
@@ -136,7 +110,6 @@ void wait_for_all_ranks(c10d::Store& store, const DistEnv& env, std::chrono::mil
   }
 }
 
-#ifdef LLAVA_HAS_GLOO
 std::shared_ptr<::gloo::transport::Device> gloo_device(const DistEnv& env) {
   if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"))
     return c10d::ProcessGroupGloo::createDeviceForInterface(ifname);
@@ -144,17 +117,16 @@ std::shared_ptr<::gloo::transport::Device> gloo_device(const DistEnv& env) {
   return c10d::ProcessGroupGloo::createDefaultDevice();
 }
 
-c10::intrusive_ptr<C10dBackend> make_gloo(const c10::intrusive_ptr<c10d::Store>& store, const DistEnv& env,
+c10::intrusive_ptr<c10d::Backend> make_gloo(const c10::intrusive_ptr<c10d::Store>& store, const DistEnv& env,
                                           std::chrono::milliseconds timeout) {
   auto options = c10d::ProcessGroupGloo::Options::create(timeout);
   options->devices.push_back(gloo_device(env));
   options->threads = 2;  // torch's default: two per device
   return c10::make_intrusive<c10d::ProcessGroupGloo>(store, env.rank, env.world_size, options);
 }
-#endif
 
 #ifdef LLAVA_HAS_NCCL
-c10::intrusive_ptr<C10dBackend> make_nccl(const c10::intrusive_ptr<c10d::Store>& store, const DistEnv& env,
+c10::intrusive_ptr<c10d::Backend> make_nccl(const c10::intrusive_ptr<c10d::Store>& store, const DistEnv& env,
                                           std::chrono::milliseconds timeout) {
   auto options = c10d::ProcessGroupNCCL::Options::create();
   options->timeout = timeout;
@@ -165,11 +137,8 @@ c10::intrusive_ptr<C10dBackend> make_nccl(const c10::intrusive_ptr<c10d::Store>&
 std::string pick_backend(const CommOptions& options) {
   std::string wanted = options.backend;
   if (wanted == "auto") wanted = options.device.is_cuda() ? "nccl" : "gloo";
-#ifndef LLAVA_HAS_GLOO
-  if (wanted == "gloo") fail("dist backend", "this build has no Gloo (libtorch " + torch_version_text() + " without Gloo headers)");
-#endif
 #ifndef LLAVA_HAS_NCCL
-  if (wanted == "nccl") fail("dist backend", "this build has no NCCL (libtorch " + torch_version_text() + " without CUDA)");
+  if (wanted == "nccl") fail("dist backend", "this build has no NCCL (built against a libtorch without CUDA)");
 #endif
   if (wanted != "gloo" && wanted != "nccl")
     fail("dist backend", "expected auto, gloo or nccl, got '" + options.backend + "'");
@@ -177,8 +146,6 @@ std::string pick_backend(const CommOptions& options) {
 }
 
 }  // namespace
-
-bool has_multiprocess_backend() { return true; }
 
 Communicator Communicator::from_env(const CommOptions& options) {
   DistEnv env = read_dist_env();
@@ -193,15 +160,9 @@ Communicator Communicator::from_env(const CommOptions& options) {
   group->store = connect_store(env, timeout);
   wait_for_all_ranks(*group->store, env, timeout);
   try {
-#ifdef LLAVA_HAS_GLOO
     if (group->name == "gloo") group->backend = make_gloo(group->store, env, timeout);
-#endif
 #ifdef LLAVA_HAS_NCCL
-    if (group->name == "nccl") {
-      group->backend = make_nccl(group->store, env, timeout);
-      group->native_flat_collectives = true;
-      group->native_bf16_reduce = true;
-    }
+    if (group->name == "nccl") group->backend = make_nccl(group->store, env, timeout);
 #endif
   } catch (const std::exception& e) {
     // Gloo's own rendezvous over the store: here a rank that never came shows up as a timeout.
@@ -212,25 +173,6 @@ Communicator Communicator::from_env(const CommOptions& options) {
 
 std::string Communicator::backend_name() const { return group_ ? group_->name : "none"; }
 
-#else  // no multi-process backend in this build (libtorch 2.x wheel without Gloo headers, no CUDA)
-
-struct Communicator::Group {};
-
-bool has_multiprocess_backend() { return false; }
-
-Communicator Communicator::from_env(const CommOptions& options) {
-  DistEnv env = read_dist_env();
-  if (env.world_size > 1)
-    fail("WORLD_SIZE=" + std::to_string(env.world_size),
-         "this build has no distributed backend (libtorch " + torch_version_text() +
-             " without Gloo headers and without CUDA/NCCL); build against Debian's libtorch (Gloo) or a CUDA libtorch");
-  return Communicator(env, nullptr);
-}
-
-std::string Communicator::backend_name() const { return "none"; }
-
-#endif
-
 Communicator Communicator::single_process() { return Communicator(DistEnv{}, nullptr); }
 
 Communicator::Communicator(DistEnv env, std::unique_ptr<Group> group) : env_(std::move(env)), group_(std::move(group)) {}
@@ -238,41 +180,26 @@ Communicator::Communicator(Communicator&&) noexcept = default;
 Communicator& Communicator::operator=(Communicator&&) noexcept = default;
 Communicator::~Communicator() = default;
 
-bool Communicator::reduces_natively(torch::Dtype dtype) const {
-  if (dtype != torch::kBFloat16 || !group_) return true;
-#ifdef LLAVA_HAS_C10D
-  return group_->native_bf16_reduce;
-#else
-  return true;
-#endif
-}
-
 void Communicator::allreduce(torch::Tensor& tensor, Reduce op) {
   check_float_dtype(tensor, "allreduce");
   if (!group_) return;  // one rank: the sum and the mean are the tensor itself
-#ifdef LLAVA_HAS_C10D
-  bool widen = tensor.scalar_type() == torch::kBFloat16 && !group_->native_bf16_reduce;
-  // bf16 is summed in fp32 and rounded once at the end (more exact than a bf16 ring, too).
-  torch::Tensor work = widen ? tensor.to(torch::kFloat32) : tensor.contiguous();
+  torch::Tensor work = tensor.contiguous();
   group_->allreduce_sum(work);
   if (op == Reduce::Avg) work.div_(world_size());
   if (!work.is_same(tensor)) tensor.copy_(work);
-#endif
 }
 
 void Communicator::broadcast(torch::Tensor& tensor, int root) {
   if (root < 0 || root >= world_size())
     fail("dist::broadcast", "root " + std::to_string(root) + " out of range for world size " + std::to_string(world_size()));
   if (!group_) return;
-#ifdef LLAVA_HAS_C10D
   torch::Tensor work = tensor.contiguous();
-  std::vector<torch::Tensor> tensors{as_movable_bits(work)};
+  std::vector<torch::Tensor> tensors{work};
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
   opts.timeout = group_->timeout;
   group_->wait(group_->backend->broadcast(tensors, opts), "broadcast");
   if (!work.is_same(tensor)) tensor.copy_(work);
-#endif
 }
 
 torch::Tensor Communicator::all_gather(const torch::Tensor& shard) {
@@ -293,22 +220,10 @@ void Communicator::all_gather_into(torch::Tensor& flat, const torch::Tensor& sha
     flat.copy_(shard.reshape({-1}));
     return;
   }
-#ifdef LLAVA_HAS_C10D
-  auto input = as_movable_bits(shard.reshape({-1}).contiguous());
-  auto output = as_movable_bits(flat);
+  auto input = shard.reshape({-1}).contiguous();
   c10d::AllgatherOptions opts;
   opts.timeout = group_->timeout;
-  if (group_->native_flat_collectives) {
-    group_->wait(group_->backend->_allgather_base(output, input, opts), "all_gather");
-    return;
-  }
-  // Gloo: the list form, with the outputs being views into the flat buffer.
-  std::vector<std::vector<torch::Tensor>> outputs(1);
-  int64_t m = input.numel();  // n, or 2n bytes for bf16
-  for (int r = 0; r < world_size(); ++r) outputs[0].push_back(output.narrow(0, r * m, m));
-  std::vector<torch::Tensor> inputs{input};
-  group_->wait(group_->backend->allgather(outputs, inputs, opts), "all_gather");
-#endif
+  group_->wait(group_->backend->_allgather_base(flat, input, opts), "all_gather");
 }
 
 torch::Tensor Communicator::reduce_scatter(const torch::Tensor& full, Reduce op) {
@@ -317,34 +232,21 @@ torch::Tensor Communicator::reduce_scatter(const torch::Tensor& full, Reduce op)
     fail("dist::reduce_scatter", "expected a flat tensor whose size is a multiple of world size " +
                                      std::to_string(world_size()) + ", got " + c10::str(full.sizes()));
   if (!group_) return full.clone();
-#ifdef LLAVA_HAS_C10D
-  int64_t n = full.numel() / world_size();
-  if (group_->native_flat_collectives) {
-    auto shard = torch::empty({n}, full.options());
-    auto input = full.contiguous();
-    c10d::ReduceScatterOptions opts;
-    opts.reduceOp = c10d::ReduceOp::SUM;
-    opts.timeout = group_->timeout;
-    group_->wait(group_->backend->_reduce_scatter_base(shard, input, opts), "reduce_scatter");
-    if (op == Reduce::Avg) shard.div_(world_size());
-    return shard;
-  }
-  // Gloo has no reduce-scatter: reduce everything, keep our slice (twice the traffic, same numbers).
-  auto reduced = full.clone();
-  allreduce(reduced, op);
-  return reduced.narrow(0, rank() * n, n).clone();
-#else
-  return full.clone();
-#endif
+  auto shard = torch::empty({full.numel() / world_size()}, full.options());
+  auto input = full.contiguous();
+  c10d::ReduceScatterOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  opts.timeout = group_->timeout;
+  group_->wait(group_->backend->_reduce_scatter_base(shard, input, opts), "reduce_scatter");
+  if (op == Reduce::Avg) shard.div_(world_size());
+  return shard;
 }
 
 void Communicator::barrier() {
   if (!group_) return;
-#ifdef LLAVA_HAS_C10D
   c10d::BarrierOptions opts;
   opts.timeout = group_->timeout;
   group_->wait(group_->backend->barrier(opts), "barrier");
-#endif
 }
 
 }  // namespace llava::dist

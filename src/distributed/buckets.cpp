@@ -1,4 +1,4 @@
-#include "dist/buckets.h"
+#include "distributed/buckets.h"
 
 #include "io/error.h"
 

@@ -1,8 +1,8 @@
 // ZeRO partition layout and gradient bucket planning: pure arithmetic, checked element by element.
 #include <catch2/catch.hpp>
 
-#include "dist/buckets.h"
-#include "dist/zero_layout.h"
+#include "distributed/buckets.h"
+#include "distributed/zero_layout.h"
 #include "io/error.h"
 
 using namespace llava::dist;

@@ -1,7 +1,7 @@
 // llava-run: start this node's workers with torchrun's environment (see launcher.h).
 #include <iostream>
 
-#include "dist/launcher/launcher.h"
+#include "distributed/launcher/launcher.h"
 #include "io/error.h"
 
 int main(int argc, char** argv) {

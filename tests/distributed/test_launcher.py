@@ -17,7 +17,7 @@ LAUNCHER_VARS = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
                  "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
                  "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_SIGNALS_TO_HANDLE",
                  "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
-# What llava-run does differently from torchrun, on purpose (see src/dist/README.md):
+# What llava-run does differently from torchrun, on purpose (see src/distributed/README.md):
 ONLY_TORCHRUN = {"TORCHELASTIC_ERROR_FILE",          # no elastic agent collects error files
                  "TORCHELASTIC_SIGNALS_TO_HANDLE"}   # the agent's own signal list
 AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"          # torchrun: True (its agent hosts the store); ours: False
