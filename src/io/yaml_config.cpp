@@ -350,7 +350,9 @@ std::vector<Setting> settings_of(const YAML::Node& root, const std::string& file
 }
 
 Setting setting_from_override(const std::string& text) {
-  const std::string where = "--set " + printable(text);
+  std::string shown = printable(text);
+  if (shown.size() > 80) shown = shown.substr(0, 77) + "...";
+  const std::string where = "--set " + shown;
   const size_t eq = text.find('=');
   if (eq == std::string::npos || eq == 0) fail(where, "expected key=value (e.g. --set learning_rate=1e-4)");
   const std::string key = text.substr(0, eq);

@@ -60,8 +60,7 @@ def train_set(**settings):
 
 def preprocess_raw(text):
     def build(w, d):
-        base = {k: w["base"][k] for k in ("model_name_or_path", "data_path", "image_folder", "version",
-                                           "per_device_train_batch_size")}
+        base = {k: w["base"][k] for k in ("model_name_or_path", "data_path", "image_folder", "version")}
         path = d / "data.yaml"
         path.write_text(yaml.safe_dump(base) + text)
         return ["preprocess", path, "--out", d / "out" / "batches.safetensors"]
@@ -111,7 +110,7 @@ CASES = [
     ("map_as_data_path", train_set(data_path={"a": 1}), ["key 'data_path'", "expected a string or a list of strings", "a map"]),
     ("map_as_output_dir", train_set(output_dir={"x": 1}), ["key 'output_dir'", "expected a string", "a map"]),
     ("list_as_model", train_set(model_name_or_path=["a", "b"]), ["key 'model_name_or_path'", "expected a string", "a list"]),
-    ("map_as_image_folder_preprocess", preprocess_raw("image_folder: {a: 1}\n"), ["data.yaml", "key 'image_folder'", "a map"]),
+    ("map_as_processor_path_preprocess", preprocess_raw("image_processor_path: {a: 1}\n"), ["data.yaml", "key 'image_processor_path'", "a map"]),
     ("list_as_learning_rate", train_set(learning_rate=[1, 2]), ["key 'learning_rate'", "expected a number"]),
     ("yes_as_bool", train_raw("bf16: yes\n"), ["key 'bf16'", "expected true or false", "'yes'"]),
     ("scalar_scheduler_kwargs", train_set(lr_scheduler_kwargs=5), ["key 'lr_scheduler_kwargs'", "expected a map"]),
@@ -125,8 +124,8 @@ CASES = [
     ("batch_10e12_preprocess", preprocess_raw("per_device_train_batch_size: 1000000000000\n"),
      ["data.yaml", "key 'per_device_train_batch_size'"]),
     ("batch_beyond_data", train_set(per_device_train_batch_size=3), ["key 'per_device_train_batch_size'", "data set has 2 samples"]),
-    ("batch_beyond_data_preprocess", lambda w, d: [*preprocess_raw("")(w, d), "--world", "2"],
-     ["key 'per_device_train_batch_size'", "2 samples"]),
+    ("batch_beyond_data_preprocess", lambda w, d: [*preprocess_raw("")(w, d), "--world", "3"],
+     ["key 'per_device_train_batch_size'", "1 x 3 rank(s)", "2 samples"]),
     ("max_steps_10e15", train_set(max_steps=10**15), ["key 'max_steps'", "expected an integer in"]),
     ("accumulation_10e12", train_set(gradient_accumulation_steps=10**12), ["key 'gradient_accumulation_steps'"]),
     ("length_10e9", train_set(model_max_length=10**9), ["key 'model_max_length'", "expected an integer in"]),
