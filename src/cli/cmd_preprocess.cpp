@@ -67,11 +67,12 @@ int run_preprocess(int argc, char** argv) {
   const int64_t position = option_in_range<int64_t>(args, "position", 0, int64_t{1} << 40, argv[0]);
   const auto cfg = llava::data::load_data_config(args["config"].as<std::string>());
   const auto dataset = llava::data::make_dataset(cfg, image_tokens_from_model(cfg.model_name_or_path));
-  if (cfg.per_device_train_batch_size * world > static_cast<int64_t>(dataset.size()))
+  const int64_t samples = static_cast<int64_t>(dataset.size());  // the trainer's rule (train/config.h)
+  if (cfg.per_device_train_batch_size * world > (cfg.dataloader_drop_last ? samples : 2 * samples))
     llava::fail(args["config"].as<std::string>(),
                 "key 'per_device_train_batch_size': " + std::to_string(cfg.per_device_train_batch_size) + " x " +
-                    std::to_string(world) + " rank(s) is more than the data set's " + std::to_string(dataset.size()) +
-                    " samples");
+                    std::to_string(world) + " rank(s) is more than the data set's " + std::to_string(samples) +
+                    " samples can fill (twice, or once with dataloader_drop_last)");
   llava::data::DistributedSampler sampler(llava::data::sampler_config_for(cfg), dataset.modality_lengths(), rank, world);
   llava::data::DataLoader loader(dataset, sampler, {epoch, position}, cfg.dataloader_num_workers);
   llava::io::NamedTensors out;

@@ -253,19 +253,23 @@ void check_against_model_and_data(const TrainConfig& c, const model::LlavaConfig
   if (c.lora_enable && c.lora_r > m.text.hidden_size)
     bad("lora_r", std::to_string(c.lora_r) + " is more than the model's hidden_size " +
                       std::to_string(m.text.hidden_size) + " (a rank above it adds nothing)");
-  // Sizes the data cannot take. The sampler pads an epoch to whole global batches with repeated samples,
-  // so a global batch larger than the data set would repeat samples inside one batch: refused.
+  // Sizes the data cannot take. Like torch's DistributedSampler, an epoch is padded to whole global
+  // batches with samples from the start of its order (dataloader_drop_last: the rest is dropped). A global
+  // batch that needs more padding than the data set has samples (more than twice its size) is a config
+  // mistake, not a recipe: refused, as is one that drop_last would leave with no batch at all.
   std::string data_files;
   for (const auto& f : c.data.data_path) data_files += (data_files.empty() ? "" : ", ") + f;
   auto bad_for_data = [&](const std::string& key, const std::string& why) {
     fail(c.source, "key '" + key + "': " + why + " (" + data_files + ")");
   };
   const int64_t global_batch = c.data.per_device_train_batch_size * world_size;
-  if (global_batch > samples)
-    bad_for_data("per_device_train_batch_size", std::to_string(c.data.per_device_train_batch_size) +
-                         " x " + std::to_string(world_size) + " rank(s) = " + std::to_string(global_batch) +
-                         " samples per batch, but the data set has " + std::to_string(samples) +
-                         " samples; expected at most " + std::to_string(samples / world_size) + " per rank");
+  const int64_t most = c.data.dataloader_drop_last ? samples : 2 * samples;
+  if (global_batch > most)
+    bad_for_data("per_device_train_batch_size",
+                 std::to_string(c.data.per_device_train_batch_size) + " x " + std::to_string(world_size) +
+                     " rank(s) = " + std::to_string(global_batch) + " samples per batch, but the data set has " +
+                     std::to_string(samples) + " samples; expected at most " + std::to_string(most) +
+                     (c.data.dataloader_drop_last ? " (dataloader_drop_last: true)" : " (each sample at most twice)"));
   if (c.max_steps <= 0) {
     const int64_t batches = c.data.dataloader_drop_last ? samples / global_batch : (samples + global_batch - 1) / global_batch;
     const int64_t steps_per_epoch = (batches + c.gradient_accumulation_steps - 1) / c.gradient_accumulation_steps;

@@ -123,9 +123,11 @@ CASES = [
     ("batch_10e12", train_set(per_device_train_batch_size=10**12), ["key 'per_device_train_batch_size'", "expected an integer in"]),
     ("batch_10e12_preprocess", preprocess_raw("per_device_train_batch_size: 1000000000000\n"),
      ["data.yaml", "key 'per_device_train_batch_size'"]),
-    ("batch_beyond_data", train_set(per_device_train_batch_size=3), ["key 'per_device_train_batch_size'", "data set has 2 samples"]),
-    ("batch_beyond_data_preprocess", lambda w, d: [*preprocess_raw("")(w, d), "--world", "3"],
-     ["key 'per_device_train_batch_size'", "1 x 3 rank(s)", "2 samples"]),
+    ("batch_beyond_data", train_set(per_device_train_batch_size=5), ["key 'per_device_train_batch_size'", "data set has 2 samples"]),
+    ("batch_beyond_data_drop_last", train_set(per_device_train_batch_size=3, dataloader_drop_last=True),
+     ["key 'per_device_train_batch_size'", "dataloader_drop_last"]),
+    ("batch_beyond_data_preprocess", lambda w, d: [*preprocess_raw("")(w, d), "--world", "5"],
+     ["key 'per_device_train_batch_size'", "1 x 5 rank(s)", "2 samples"]),
     ("max_steps_10e15", train_set(max_steps=10**15), ["key 'max_steps'", "expected an integer in"]),
     ("accumulation_10e12", train_set(gradient_accumulation_steps=10**12), ["key 'gradient_accumulation_steps'"]),
     ("length_10e9", train_set(model_max_length=10**9), ["key 'model_max_length'", "expected an integer in"]),
@@ -195,6 +197,11 @@ def test_llava_run_bad_option_names_it(options, needles):
 
 
 def test_the_good_config_still_trains_under_the_limits(world, tmp_path):
-    """The cases' base config passes every check: the refusals above are the bad keys', not the setup's."""
-    run([binary(), "train", config(world, tmp_path)], timeout=120, preexec_fn=limit_memory)
+    """The cases' base config passes every check: the refusals above are the bad keys', not the setup's.
+    An accepted-and-ignored key gives one log line, and keys that repeat the model's values are fine."""
+    cfg = config(world, tmp_path, tf32=True, report_to="none", mm_vision_select_layer=-2,
+                 mm_projector_type="mlp2x_gelu", fp16=False)
+    proc = run([binary(), "train", cfg], timeout=120, preexec_fn=limit_memory)
+    notes = [l for l in proc.stdout.splitlines() if "ignored" in l]
+    assert notes == ["config: accepted for HF/LLaVA compatibility and ignored: report_to, tf32"], proc.stdout
     assert (tmp_path / "out" / "checkpoint-1" / "mm_projector.bin").exists()

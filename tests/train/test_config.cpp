@@ -340,7 +340,10 @@ TEST_CASE("keys are checked against the model and the data before training") {
   CHECK(contains(error(changed), "key 'lora_r': 64 is more than the model's hidden_size 32"));
   changed = c;
   changed.data.per_device_train_batch_size = 4;
-  CHECK(contains(error(changed, 10, 4), "key 'per_device_train_batch_size': 4 x 4 rank(s) = 16 samples per batch, but the data set has 10"));
+  CHECK(contains(error(changed, 7, 4), "key 'per_device_train_batch_size': 4 x 4 rank(s) = 16 samples per batch, but the data set has 7"));
+  CHECK(error(changed, 8, 4).empty());  // padded: each sample at most twice
+  changed.data.dataloader_drop_last = true;
+  CHECK(contains(error(changed, 15, 4), "dataloader_drop_last"));
   CHECK(error(changed, 16, 4).empty());
   changed = c;
   changed.max_steps = -1;
