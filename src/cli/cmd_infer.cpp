@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "cli/command.h"
+#include "io/command_line.h"
 #include "data/conversation.h"
 #include "data/image.h"
 #include "data/tokenizer.h"
@@ -108,7 +109,7 @@ int run_infer(int argc, char** argv) {
       ("template", "conversation template for --prompt: llava_hf, vicuna_v1 or plain", cxxopts::value<std::string>())
       ("ids", "print token ids instead of text (always so with --input-ids)")
       ("h,help", "show help");
-  auto args = options.parse(argc, argv);
+  auto args = llava::io::parse_command_line(options, argc, argv, argv[0]);
   if (args.count("help")) {
     std::cout << options.help();
     return 0;
@@ -135,13 +136,12 @@ int run_infer(int argc, char** argv) {
   const bool print_text = tokenizer && !args.count("ids");
 
   llava::model::GenerationOptions gen;
-  gen.max_new_tokens = args["max-new-tokens"].as<int64_t>();
-  gen.temperature = args["temperature"].as<double>();
-  gen.top_p = args["top-p"].as<double>();
+  gen.max_new_tokens = llava::io::option_in_range<int64_t>(args, "max-new-tokens", 1, 1 << 20, argv[0]);
+  gen.temperature = llava::io::option_in_range<double>(args, "temperature", 0, 100, argv[0]);
+  gen.top_p = llava::io::option_in_range<double>(args, "top-p", 0, 1, argv[0]);
   gen.seed = args["seed"].as<uint64_t>();
   gen.eos_token_ids = loaded.config.text.eos_token_ids;
   gen.pad_token_id = loaded.config.text.pad_token_id.value_or(gen.eos_token_ids.empty() ? 0 : gen.eos_token_ids[0]);
-  if (gen.max_new_tokens < 1) llava::fail("--max-new-tokens", "must be at least 1");
 
   // Text is decoded from all ids so far, so pieces that only make sense together (bytes of one
   // character, a leading space) come out right; a trailing U+FFFD may be an unfinished character, so it

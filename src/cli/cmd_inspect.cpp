@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "cli/command.h"
+#include "io/command_line.h"
 #include "io/inspect.h"
 
 namespace {
@@ -13,7 +14,7 @@ int run_inspect(int argc, char** argv) {
   options.add_options()("path", "file or directory", cxxopts::value<std::string>())("h,help", "show help");
   options.parse_positional({"path"});
   options.positional_help("PATH");
-  auto args = options.parse(argc, argv);
+  auto args = llava::io::parse_command_line(options, argc, argv, argv[0]);
   if (args.count("help") || !args.count("path")) {
     std::cout << options.help();
     return args.count("help") ? 0 : 2;

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/command.h"
+#include "io/command_line.h"
 #include "data/conversation.h"
 #include "data/sentencepiece_model.h"
 #include "data/shapes.h"
@@ -199,15 +200,15 @@ int run_make_demo(int argc, char** argv) {
       ("train-images", "training images", cxxopts::value<int>()->default_value("400"))
       ("test-images", "held-out images", cxxopts::value<int>()->default_value("20"))
       ("h,help", "show help");
-  auto args = options.parse(argc, argv);
+  auto args = llava::io::parse_command_line(options, argc, argv, argv[0]);
   if (args.count("help")) {
     std::cout << options.help();
     return 0;
   }
   if (!args.count("out")) llava::fail("make-demo", "--out is required");
   const fs::path out = args["out"].as<std::string>();
-  const int train_images = args["train-images"].as<int>(), test_images = args["test-images"].as<int>();
-  if (train_images < 1 || test_images < 0) llava::fail("make-demo", "--train-images must be >= 1, --test-images >= 0");
+  const int train_images = llava::io::option_in_range(args, "train-images", 1, 100000, argv[0]);
+  const int test_images = llava::io::option_in_range(args, "test-images", 0, 100000, argv[0]);
   const DemoSizes sizes;
   torch::manual_seed(args["seed"].as<uint64_t>());
   const auto texts = make_data(out, train_images, test_images, sizes);

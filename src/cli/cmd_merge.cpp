@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "cli/command.h"
+#include "io/command_line.h"
 #include "io/error.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
@@ -32,7 +33,7 @@ int run_merge(int argc, char** argv) {
       ("max-shard-size", "largest shard, e.g. 5GB", cxxopts::value<std::string>()->default_value("5GB"))
       ("vision-tower", "CLIP dir for an original-LLaVA model", cxxopts::value<std::string>()->default_value(""))
       ("h,help", "show help");
-  auto args = options.parse(argc, argv);
+  auto args = llava::io::parse_command_line(options, argc, argv, argv[0]);
   if (args.count("help")) {
     std::cout << options.help();
     return 0;

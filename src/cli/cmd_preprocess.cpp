@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/command.h"
+#include "io/command_line.h"
 #include "data/config.h"
 #include "io/error.h"
 #include "io/file_util.h"
@@ -53,20 +54,30 @@ int run_preprocess(int argc, char** argv) {
       "world", "number of ranks", cxxopts::value<int>()->default_value("1"))("h,help", "show help");
   options.parse_positional({"config"});
   options.positional_help("CONFIG.yaml");
-  auto args = options.parse(argc, argv);
+  auto args = llava::io::parse_command_line(options, argc, argv, argv[0]);
   if (args.count("help") || !args.count("config") || !args.count("out")) {
     std::cout << options.help();
     return args.count("help") ? 0 : 2;
   }
+  using llava::io::option_in_range;
+  const int world = option_in_range(args, "world", 1, 4096, argv[0]);
+  const int rank = option_in_range(args, "rank", 0, world - 1, argv[0]);
+  const int64_t limit = option_in_range<int64_t>(args, "limit", 0, 1'000'000, argv[0]);
+  const int64_t epoch = option_in_range<int64_t>(args, "epoch", 0, 1'000'000, argv[0]);
+  const int64_t position = option_in_range<int64_t>(args, "position", 0, int64_t{1} << 40, argv[0]);
   const auto cfg = llava::data::load_data_config(args["config"].as<std::string>());
   const auto dataset = llava::data::make_dataset(cfg, image_tokens_from_model(cfg.model_name_or_path));
-  llava::data::DistributedSampler sampler(llava::data::sampler_config_for(cfg), dataset.modality_lengths(),
-                                          args["rank"].as<int>(), args["world"].as<int>());
-  llava::data::DataLoader loader(dataset, sampler, {args["epoch"].as<int64_t>(), args["position"].as<int64_t>()},
-                                 cfg.dataloader_num_workers);
+  const int64_t samples = static_cast<int64_t>(dataset.size());  // the trainer's rule (train/config.h)
+  if (cfg.per_device_train_batch_size * world > (cfg.dataloader_drop_last ? samples : 2 * samples))
+    llava::fail(args["config"].as<std::string>(),
+                "key 'per_device_train_batch_size': " + std::to_string(cfg.per_device_train_batch_size) + " x " +
+                    std::to_string(world) + " rank(s) is more than the data set's " + std::to_string(samples) +
+                    " samples can fill (twice, or once with dataloader_drop_last)");
+  llava::data::DistributedSampler sampler(llava::data::sampler_config_for(cfg), dataset.modality_lengths(), rank, world);
+  llava::data::DataLoader loader(dataset, sampler, {epoch, position}, cfg.dataloader_num_workers);
   llava::io::NamedTensors out;
   int64_t n = 0;
-  for (; n < args["limit"].as<int64_t>(); ++n) {
+  for (; n < limit; ++n) {
     auto batch = loader.next();
     if (!batch) break;
     const std::string p = "batch" + std::to_string(n) + ".";

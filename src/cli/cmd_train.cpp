@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "cli/command.h"
+#include "io/command_line.h"
 #include "train/config.h"
 #include "train/trainer.h"
 
@@ -48,7 +49,7 @@ int run_train(int argc, char** argv) {
       cxxopts::value<int64_t>()->default_value("0"))("h,help", "show help");
   options.parse_positional({"config"});
   options.positional_help("CONFIG.yaml [--set key=value ...]");
-  auto args = options.parse(argc, argv);
+  auto args = llava::io::parse_command_line(options, argc, argv, argv[0]);
   if (args.count("help") || !args.count("config")) {
     std::cout << options.help();
     return args.count("help") ? 0 : 2;

@@ -11,65 +11,62 @@ namespace fs = std::filesystem;
 namespace llava::data {
 namespace {
 
-template <typename T>
-void read_key(const YAML::Node& node, const std::string& key, T& out, const std::string& where) {
-  if (!node[key] || node[key].IsNull()) return;
-  try {
-    out = node[key].as<T>();
-  } catch (const YAML::Exception&) {
-    fail(where, "key '" + key + "': cannot read '" + YAML::Dump(node[key]) + "' as the expected type");
-  }
+// `version` / `conv_template`: a conversation template by LLaVA's names.
+io::ConfigKey<DataConfig> template_key(std::string name) {
+  return {std::move(name), [](DataConfig& c, const YAML::Node& n) {
+            const std::string value = io::read_string(n);
+            try {
+              parse_template(value);
+            } catch (const Error&) {
+              throw io::BadValue{"a conversation template (plain, v1, vicuna_v1, llava_hf, ...)"};
+            }
+            c.version = value;
+          }};
 }
 
 }  // namespace
 
-DataConfig read_data_config(const YAML::Node& node, const std::string& where) {
-  if (!node.IsMap()) fail(where, "expected a YAML map of settings");
-  DataConfig cfg;
-  if (node["data_path"]) {
-    if (node["data_path"].IsSequence())
-      read_key(node, "data_path", cfg.data_path, where);
-    else
-      cfg.data_path = {node["data_path"].as<std::string>()};
-  }
-  read_key(node, "image_folder", cfg.image_folder, where);
-  read_key(node, "conv_template", cfg.version, where);
-  read_key(node, "version", cfg.version, where);
-  read_key(node, "model_max_length", cfg.model_max_length, where);
-  read_key(node, "image_aspect_ratio", cfg.image_aspect_ratio, where);
-  read_key(node, "per_device_train_batch_size", cfg.per_device_train_batch_size, where);
-  read_key(node, "dataloader_num_workers", cfg.dataloader_num_workers, where);
-  read_key(node, "dataloader_drop_last", cfg.dataloader_drop_last, where);
-  read_key(node, "group_by_modality_length", cfg.group_by_modality_length, where);
-  read_key(node, "seed", cfg.seed, where);
-  read_key(node, "skip_missing_images", cfg.skip_missing_images, where);
-  read_key(node, "model_name_or_path", cfg.model_name_or_path, where);
-  read_key(node, "tokenizer_path", cfg.tokenizer_path, where);
-  read_key(node, "image_processor_path", cfg.image_processor_path, where);
+// Ranges: finite, and far above any real run (a 10^12 batch would be allocated before it failed).
+const io::Schema<DataConfig>& data_schema() {
+  using C = DataConfig;
+  static const io::Schema<DataConfig> schema = [] {
+    io::Schema<DataConfig> s;
+    s.add(io::texts("data_path", &C::data_path))
+        .add(io::text("image_folder", &C::image_folder))
+        .add(template_key("version"))
+        .add(template_key("conv_template"))
+        .add(io::integer("model_max_length", &C::model_max_length, 1, 1 << 20))
+        .add(io::choice("image_aspect_ratio", &C::image_aspect_ratio, {"pad", "square"}))
+        .add(io::integer("per_device_train_batch_size", &C::per_device_train_batch_size, 1, 65536))
+        .add(io::integer("dataloader_num_workers", &C::dataloader_num_workers, 0, 256))
+        .add(io::boolean("dataloader_drop_last", &C::dataloader_drop_last))
+        .add(io::boolean("group_by_modality_length", &C::group_by_modality_length))
+        .add(io::integer("seed", &C::seed, 0, (int64_t{1} << 53)))
+        .add(io::boolean("skip_missing_images", &C::skip_missing_images))
+        .add(io::text("model_name_or_path", &C::model_name_or_path))
+        .add(io::text("tokenizer_path", &C::tokenizer_path))
+        .add(io::text("image_processor_path", &C::image_processor_path));
+    return s;
+  }();
+  return schema;
+}
 
+void check_data_config(const DataConfig& cfg, const std::string& where) {
   if (cfg.data_path.empty()) fail(where, "key 'data_path': required (a file or a list of files)");
+  for (const auto& p : cfg.data_path)
+    if (p.empty()) fail(where, "key 'data_path': expected a file name, got ''");
   if (cfg.tokenizer_dir().empty()) fail(where, "key 'model_name_or_path' (or 'tokenizer_path'): required");
-  try {
-    parse_template(cfg.version);
-  } catch (const Error& e) {
-    fail(where, std::string("key 'version': ") + e.what());
-  }
-  if (cfg.image_aspect_ratio != "pad" && cfg.image_aspect_ratio != "square")
-    fail(where, "key 'image_aspect_ratio': expected pad or square, got '" + cfg.image_aspect_ratio + "'");
-  if (cfg.model_max_length < 1) fail(where, "key 'model_max_length': expected >= 1");
-  if (cfg.per_device_train_batch_size < 1) fail(where, "key 'per_device_train_batch_size': expected >= 1");
-  if (cfg.dataloader_num_workers < 0) fail(where, "key 'dataloader_num_workers': expected >= 0");
+}
+
+DataConfig read_data_config(const YAML::Node& node, const std::string& where) {
+  DataConfig cfg;
+  data_schema().read(cfg, io::settings_of(node, where, {}), /*other_keys_allowed=*/true);
+  check_data_config(cfg, where);
   return cfg;
 }
 
 DataConfig load_data_config(const std::string& yaml_path) {
-  YAML::Node root;
-  try {
-    root = YAML::LoadFile(yaml_path);
-  } catch (const YAML::Exception& e) {
-    fail(yaml_path, std::string("cannot read YAML: ") + e.what());
-  }
-  DataConfig cfg = read_data_config(root, yaml_path);
+  DataConfig cfg = read_data_config(io::load_yaml_config(yaml_path), yaml_path);
   resolve_relative_paths(cfg, fs::path(yaml_path).parent_path().string());
   return cfg;
 }

@@ -7,10 +7,7 @@
 
 #include "data/dataset.h"
 #include "data/loader.h"
-
-namespace YAML {
-class Node;
-}
+#include "io/yaml_config.h"
 
 namespace llava::data {
 
@@ -33,8 +30,15 @@ struct DataConfig {
   std::string tokenizer_dir() const { return tokenizer_path.empty() ? model_name_or_path : tokenizer_path; }
 };
 
-// Errors name `where` and the key.
+// Every data key: its type, range or allowed values (the training config includes these keys).
+const io::Schema<DataConfig>& data_schema();
+// The keys that must be given and hang together (data_path, a tokenizer dir).
+void check_data_config(const DataConfig& cfg, const std::string& where);
+
+// Errors name `where` and the key. Keys that are not data keys are left alone (a training config is also
+// a data config).
 DataConfig read_data_config(const YAML::Node& node, const std::string& where);
+// Through io::load_yaml_config's bounds (regular file, size, nesting, one document, unique keys).
 DataConfig load_data_config(const std::string& yaml_path);
 // Relative paths in a config are relative to the config file's directory `base`.
 void resolve_relative_paths(DataConfig& cfg, const std::string& base);

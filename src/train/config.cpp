@@ -11,7 +11,8 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
-#include "io/safetensors.h"
+#include "io/yaml_config.h"
+#include "model/config.h"
 #include "train/schedule.h"
 
 namespace llava::train {
@@ -20,297 +21,262 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// ------------------------------------------------------------------------------------- the key table
+// ----------------------------------------------------------------------------------------- the schema
 
-using Setter = std::function<void(TrainConfig&, const YAML::Node&, const std::string& key, const std::string& where)>;
+using C = TrainConfig;
 
-template <typename T>
-const char* type_name() {
-  if constexpr (std::is_same_v<T, bool>) return "true or false";
-  else if constexpr (std::is_same_v<T, std::string>) return "a string";
-  else if constexpr (std::is_same_v<T, std::vector<std::string>>) return "a list of strings";
-  else if constexpr (std::is_integral_v<T>) return "an integer";
-  else return "a number";
+template <class T>
+io::ConfigKey<C> optional_key(std::string name, std::optional<T> C::*m, std::function<T(const YAML::Node&)> read) {
+  return {std::move(name), [m, read](C& c, const YAML::Node& n) { c.*m = read(n); }};
 }
 
-template <typename T>
-T read_as(const YAML::Node& node, const std::string& key, const std::string& where) {
-  try {
-    if constexpr (std::is_same_v<T, std::vector<std::string>>) {
-      if (node.IsScalar()) return {node.as<std::string>()};
-    }
-    if constexpr (std::is_same_v<T, bool>) {  // yaml-cpp would also take "yes"/"on"; HF takes true/false
-      auto text = node.as<std::string>();
-      if (text != "true" && text != "false" && text != "True" && text != "False") throw YAML::Exception({}, "");
-    }
-    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
-      if (!node.IsScalar()) throw YAML::Exception({}, "");
-      double as_double = node.as<double>();  // accept 1e3, refuse 2.5
-      if (as_double != static_cast<double>(static_cast<T>(as_double))) throw YAML::Exception({}, "");
-      return static_cast<T>(as_double);
-    }
-    if (!std::is_same_v<T, std::vector<std::string>> && !node.IsScalar()) throw YAML::Exception({}, "");
-    if constexpr (std::is_floating_point_v<T>) {  // .nan / .inf are YAML floats but no setting's value
-      const T value = node.as<T>();
-      if (!std::isfinite(value)) throw YAML::Exception({}, "");
-      return value;
-    }
-    return node.as<T>();
-  } catch (const YAML::Exception&) {
-    std::string got = node.IsScalar() ? "'" + node.Scalar() + "'" : node.IsSequence() ? "a list" : "a map";
-    fail(where, "key '" + key + "': expected " + type_name<T>() + ", got " + got);
-  }
+io::ConfigKey<C> scheduler_key() {
+  return {"lr_scheduler_type", [](C& c, const YAML::Node& n) {
+            const std::string name = io::read_string(n);
+            try {
+              schedule_from_name(name);
+            } catch (const Error&) {
+              throw io::BadValue{"one of linear, cosine, constant, constant_with_warmup, cosine_with_min_lr"};
+            }
+            c.lr_scheduler_type = name;
+          }};
 }
 
-template <typename T>
-Setter set(T TrainConfig::*member) {
-  return [member](TrainConfig& c, const YAML::Node& n, const std::string& key, const std::string& where) {
-    c.*member = read_as<T>(n, key, where);
-  };
+const std::vector<std::string> kFalse = {"false", "False"};
+
+// Every key of the config, one line each: the field it sets and what it takes. Ranges are finite and
+// far above any real run, so a typo cannot make the trainer allocate or loop without bound; what depends
+// on the model or the data is checked in check_against_model_and_data.
+const io::Schema<C>& train_schema() {
+  static const io::Schema<C> schema = [] {
+    io::Schema<C> s;
+    s.include(data::data_schema(), &C::data);  // data_path, image_folder, version, model_max_length, ...
+    // ModelArguments
+    s.add({"model_name_or_path", [](C& c, const YAML::Node& n) {  // also the data section's tokenizer dir
+           c.model_name_or_path = c.data.model_name_or_path = io::read_string(n);
+         }})
+        .add(io::text("vision_tower", &C::vision_tower))
+        .add(io::text("pretrain_mm_mlp_adapter", &C::pretrain_mm_mlp_adapter))
+        .add(io::boolean("tune_mm_mlp_adapter", &C::tune_mm_mlp_adapter))
+        .add(io::boolean("unfreeze_mm_vision_tower", &C::unfreeze_mm_vision_tower))
+        .add(io::boolean("freeze_backbone", &C::freeze_backbone))
+        .add(optional_key<int64_t>("mm_vision_select_layer", &C::mm_vision_select_layer,
+                                   [](const YAML::Node& n) { return io::read_integer(n, -1000, 1000); }))
+        .add(optional_key<std::string>("mm_projector_type", &C::mm_projector_type,
+                                       [](const YAML::Node& n) { return io::read_choice(n, {"mlp2x_gelu", "linear"}); }))
+        .add(optional_key<std::string>("mm_vision_select_feature", &C::mm_vision_select_feature,
+                                       [](const YAML::Node& n) { return io::read_choice(n, {"patch", "cls_patch"}); }))
+        .add(io::only<C>("mm_use_im_start_end", kFalse))    // LLaVA-1.0's image start/end tokens
+        .add(io::only<C>("mm_use_im_patch_token", kFalse))  // LLaVA-1.0's image patch tokens
+        .add(io::only<C>("mm_patch_merge_type", {"flat"}))  // spatial_unpad is LLaVA-NeXT's
+        // TrainingArguments
+        .add(io::text("output_dir", &C::output_dir))
+        .add(io::number("learning_rate", &C::learning_rate, 0, 10))
+        .add(io::number("mm_projector_lr", &C::mm_projector_lr, 0, 10))
+        .add(io::number("weight_decay", &C::weight_decay, 0, 10))
+        .add(io::number("adam_beta1", &C::adam_beta1, 0, 1, /*max_excluded=*/true))
+        .add(io::number("adam_beta2", &C::adam_beta2, 0, 1, /*max_excluded=*/true))
+        .add(io::number("adam_epsilon", &C::adam_epsilon, 0, 1))
+        .add(io::number("max_grad_norm", &C::max_grad_norm, 0, 1e9))
+        .add(io::number("num_train_epochs", &C::num_train_epochs, 0, 1e6))
+        .add(io::integer("max_steps", &C::max_steps, -1, 1'000'000'000))
+        .add(scheduler_key())
+        .add(io::number("lr_scheduler_kwargs.min_lr", &C::min_lr, 0, 10))
+        .add(io::number("lr_scheduler_kwargs.min_lr_rate", &C::min_lr_rate, 0, 1))
+        .add(io::number("lr_scheduler_kwargs.num_cycles", &C::num_cycles, 0, 1e6))
+        .add(io::number("warmup_ratio", &C::warmup_ratio, 0, 1))
+        .add(io::number("warmup_steps", &C::warmup_steps, 0, 1e9))
+        .add(io::integer("gradient_accumulation_steps", &C::gradient_accumulation_steps, 1, 1'000'000))
+        .add(io::integer("logging_steps", &C::logging_steps, 0, 1'000'000'000))  // 0: no log lines
+        .add(io::integer("save_steps", &C::save_steps, 0, 1'000'000'000))        // 0: only the final save
+        .add(io::choice("save_strategy", &C::save_strategy, {"steps", "no"}))
+        .add(io::integer("save_total_limit", &C::save_total_limit, 0, 1'000'000))  // 0: keep all
+        .add(io::byte_size("max_shard_size", &C::max_shard_size))
+        .add(io::boolean("bf16", &C::bf16))
+        .add(io::only<C>("fp16", kFalse))                                  // bf16 is the half precision here
+        .add(io::only<C>("optim", {"adamw_torch", "adamw_torch_fused"}))  // AdamW with torch's numerics
+        .add(io::boolean("gradient_checkpointing", &C::gradient_checkpointing))
+        .add(io::text("resume_from_checkpoint", &C::resume_from_checkpoint))
+        .add(io::boolean("save_on_interrupt", &C::save_on_interrupt))
+        .add(io::boolean("skip_nonfinite_steps", &C::skip_nonfinite_steps))
+        .add(io::only<C>("evaluation_strategy", {"no"}))  // there is no evaluation loop
+        .add(io::only<C>("eval_strategy", {"no"}))
+        // LoRA
+        .add(io::boolean("lora_enable", &C::lora_enable))
+        .add(io::integer("lora_r", &C::lora_r, 1, 65536))
+        .add(io::number("lora_alpha", &C::lora_alpha, 0, 1e6))
+        .add(io::number("lora_dropout", &C::lora_dropout, 0, 1, /*max_excluded=*/true))
+        .add(io::choice("lora_bias", &C::lora_bias, {"none"}))  // as LLaVA-1.5 trains
+        .add(io::texts("lora_target_modules", &C::lora_target_modules))
+        .add(io::regex("lora_target_regex", &C::lora_target_regex))
+        .add(io::boolean("use_rslora", &C::use_rslora))
+        .add(io::texts("modules_to_save", &C::modules_to_save))
+        // Scale-out
+        .add(io::integer("zero_stage", &C::zero_stage, 0, 2))  // ZeRO-3 is not supported
+        .add(io::text("deepspeed", &C::deepspeed))
+        .add(io::number("ddp_timeout", &C::ddp_timeout, 1, 1e7))
+        .add(io::byte_size("consolidate_optimizer_max_size", &C::consolidate_optimizer_max_size))
+        .add(io::integer("reduce_bucket_size", &C::reduce_bucket_size, 1, int64_t{1} << 40))
+        // Accepted for HF/LLaVA compatibility, no effect here (README.md: "Accepted and ignored keys").
+        .add(io::ignored<C>("lazy_preprocess"))             // records are always read lazily
+        .add(io::ignored<C>("is_multimodal"))               // the model's config.json says it
+        .add(io::ignored<C>("tf32"))                        // a CUDA matmul setting
+        .add(io::ignored<C>("report_to"))                   // no wandb/tensorboard; see --metrics-out
+        .add(io::ignored<C>("run_name"))
+        .add(io::ignored<C>("per_device_eval_batch_size"));  // there is no evaluation loop
+    return s;
+  }();
+  return schema;
 }
 
-// Keys LLaVA/HF scripts pass that mean nothing here (CPU/GPU details handled elsewhere, reporting).
-Setter accepted_and_ignored() {
-  return [](TrainConfig&, const YAML::Node&, const std::string&, const std::string&) {};
-}
-
-const std::map<std::string, Setter>& train_fields() {
-  static const std::map<std::string, Setter> fields = {
-      {"model_name_or_path", set(&TrainConfig::model_name_or_path)},
-      {"vision_tower", set(&TrainConfig::vision_tower)},
-      {"pretrain_mm_mlp_adapter", set(&TrainConfig::pretrain_mm_mlp_adapter)},
-      {"tune_mm_mlp_adapter", set(&TrainConfig::tune_mm_mlp_adapter)},
-      {"unfreeze_mm_vision_tower", set(&TrainConfig::unfreeze_mm_vision_tower)},
-      {"freeze_backbone", set(&TrainConfig::freeze_backbone)},
-      {"mm_vision_select_layer", set(&TrainConfig::mm_vision_select_layer)},
-      {"mm_projector_type", set(&TrainConfig::mm_projector_type)},
-      {"output_dir", set(&TrainConfig::output_dir)},
-      {"learning_rate", set(&TrainConfig::learning_rate)},
-      {"mm_projector_lr", set(&TrainConfig::mm_projector_lr)},
-      {"weight_decay", set(&TrainConfig::weight_decay)},
-      {"adam_beta1", set(&TrainConfig::adam_beta1)},
-      {"adam_beta2", set(&TrainConfig::adam_beta2)},
-      {"adam_epsilon", set(&TrainConfig::adam_epsilon)},
-      {"max_grad_norm", set(&TrainConfig::max_grad_norm)},
-      {"num_train_epochs", set(&TrainConfig::num_train_epochs)},
-      {"max_steps", set(&TrainConfig::max_steps)},
-      {"lr_scheduler_type", set(&TrainConfig::lr_scheduler_type)},
-      {"lr_scheduler_kwargs.min_lr", set(&TrainConfig::min_lr)},
-      {"lr_scheduler_kwargs.min_lr_rate", set(&TrainConfig::min_lr_rate)},
-      {"lr_scheduler_kwargs.num_cycles", set(&TrainConfig::num_cycles)},
-      {"warmup_ratio", set(&TrainConfig::warmup_ratio)},
-      {"warmup_steps", set(&TrainConfig::warmup_steps)},
-      {"gradient_accumulation_steps", set(&TrainConfig::gradient_accumulation_steps)},
-      {"logging_steps", set(&TrainConfig::logging_steps)},
-      {"save_steps", set(&TrainConfig::save_steps)},
-      {"save_strategy", set(&TrainConfig::save_strategy)},
-      {"save_total_limit", set(&TrainConfig::save_total_limit)},
-      {"max_shard_size", set(&TrainConfig::max_shard_size)},
-      {"bf16", set(&TrainConfig::bf16)},
-      {"gradient_checkpointing", set(&TrainConfig::gradient_checkpointing)},
-      {"resume_from_checkpoint", set(&TrainConfig::resume_from_checkpoint)},
-      {"save_on_interrupt", set(&TrainConfig::save_on_interrupt)},
-      {"skip_nonfinite_steps", set(&TrainConfig::skip_nonfinite_steps)},
-      {"lora_enable", set(&TrainConfig::lora_enable)},
-      {"lora_r", set(&TrainConfig::lora_r)},
-      {"lora_alpha", set(&TrainConfig::lora_alpha)},
-      {"lora_dropout", set(&TrainConfig::lora_dropout)},
-      {"lora_bias", set(&TrainConfig::lora_bias)},
-      {"lora_target_modules", set(&TrainConfig::lora_target_modules)},
-      {"lora_target_regex", set(&TrainConfig::lora_target_regex)},
-      {"use_rslora", set(&TrainConfig::use_rslora)},
-      {"modules_to_save", set(&TrainConfig::modules_to_save)},
-      {"zero_stage", set(&TrainConfig::zero_stage)},
-      {"deepspeed", set(&TrainConfig::deepspeed)},
-      {"ddp_timeout", set(&TrainConfig::ddp_timeout)},
-      {"consolidate_optimizer_max_size", set(&TrainConfig::consolidate_optimizer_max_size)},
-      {"reduce_bucket_size", set(&TrainConfig::reduce_bucket_size)},
-      // Read by the data section (data::read_data_config).
-      {"data_path", accepted_and_ignored()},
-      {"image_folder", accepted_and_ignored()},
-      {"version", accepted_and_ignored()},
-      {"conv_template", accepted_and_ignored()},
-      {"model_max_length", accepted_and_ignored()},
-      {"image_aspect_ratio", accepted_and_ignored()},
-      {"per_device_train_batch_size", accepted_and_ignored()},
-      {"dataloader_num_workers", accepted_and_ignored()},
-      {"dataloader_drop_last", accepted_and_ignored()},
-      {"group_by_modality_length", accepted_and_ignored()},
-      {"seed", accepted_and_ignored()},
-      {"skip_missing_images", accepted_and_ignored()},
-      {"tokenizer_path", accepted_and_ignored()},
-      {"image_processor_path", accepted_and_ignored()},
-      // LLaVA launch-script keys with no effect on a CPU/c10d trainer; accepted so scripts port as they are.
-      {"lazy_preprocess", accepted_and_ignored()},
-      {"is_multimodal", accepted_and_ignored()},
-      {"mm_use_im_start_end", accepted_and_ignored()},
-      {"mm_use_im_patch_token", accepted_and_ignored()},
-      {"mm_vision_select_feature", accepted_and_ignored()},
-      {"mm_patch_merge_type", accepted_and_ignored()},
-      {"tf32", accepted_and_ignored()},
-      {"report_to", accepted_and_ignored()},
-      {"run_name", accepted_and_ignored()},
-      {"evaluation_strategy", accepted_and_ignored()},
-      {"eval_strategy", accepted_and_ignored()},
-      {"per_device_eval_batch_size", accepted_and_ignored()},
-      {"fp16", accepted_and_ignored()},  // checked below: only false is allowed
-      {"optim", accepted_and_ignored()}, // checked below: adamw_torch only
-  };
-  return fields;
-}
-
-// "a.b: 1" and "a: {b: 1}" are the same key "a.b".
-void flatten(const YAML::Node& node, const std::string& prefix, std::vector<std::pair<std::string, YAML::Node>>& out) {
-  for (auto it = node.begin(); it != node.end(); ++it) {
-    const std::string key = prefix + it->first.as<std::string>();
-    if (it->second.IsMap() && key == "lr_scheduler_kwargs") flatten(it->second, key + ".", out);
-    else out.emplace_back(key, it->second);
-  }
-}
-
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diagonal = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1])});
-      diagonal = up;
-    }
-  }
-  return row[b.size()];
-}
-
-void check_combinations(const TrainConfig& c, const YAML::Node& root, const std::string& where) {
+// Keys that must agree with each other.
+void check_relations(const TrainConfig& c, const std::string& where) {
   auto bad = [&](const std::string& key, const std::string& why) { fail(where, "key '" + key + "': " + why); };
-  if (root["fp16"] && read_as<bool>(root["fp16"], "fp16", where)) bad("fp16", "fp16 is not supported; use bf16: true");
-  if (root["optim"] && root["optim"].as<std::string>() != "adamw_torch" && root["optim"].as<std::string>() != "adamw_torch_fused")
-    bad("optim", "only adamw_torch (AdamW with torch's numerics) is supported");
-  if (root["mm_use_im_start_end"] && read_as<bool>(root["mm_use_im_start_end"], "mm_use_im_start_end", where))
-    bad("mm_use_im_start_end", "image start/end tokens (LLaVA-1.0) are not supported; LLaVA-1.5 uses false");
   if (c.model_name_or_path.empty()) bad("model_name_or_path", "required");
   if (c.output_dir.empty()) bad("output_dir", "required");
   if (c.learning_rate <= 0) bad("learning_rate", "must be > 0");
   if (c.max_steps <= 0 && c.num_train_epochs <= 0) bad("max_steps", "set max_steps > 0 or num_train_epochs > 0");
-  if (c.gradient_accumulation_steps < 1) bad("gradient_accumulation_steps", "must be >= 1");
-  if (c.max_grad_norm < 0) bad("max_grad_norm", "must be >= 0 (0 disables clipping)");
   if (c.lora_enable && c.tune_mm_mlp_adapter)
     bad("lora_enable", "stage 1 (tune_mm_mlp_adapter: true) trains only the projector; LoRA needs stage 2");
-  if (c.lora_enable && c.lora_r < 1) bad("lora_r", "must be >= 1");
-  if (c.lora_bias != "none") bad("lora_bias", "only 'none' is supported (as LLaVA-1.5 trains)");
   if (!c.lora_target_modules.empty() && !c.lora_target_regex.empty())
     bad("lora_target_regex", "give lora_target_modules or lora_target_regex, not both");
-  if (c.zero_stage < 0 || c.zero_stage > 2) bad("zero_stage", "must be 0, 1 or 2 (ZeRO-3 is not supported)");
-  if (c.reduce_bucket_size < 1) bad("reduce_bucket_size", "must be >= 1 (elements per gradient bucket)");
-  if (c.save_strategy != "steps" && c.save_strategy != "no") bad("save_strategy", "expected steps or no");
-  for (auto [key, value] : {std::pair{"max_shard_size", &c.max_shard_size},
-                            std::pair{"consolidate_optimizer_max_size", &c.consolidate_optimizer_max_size}}) {
-    try {
-      io::parse_size(*value);
-    } catch (const Error&) {
-      bad(key, "expected a size like 5GB, 200MB or 1000 (bytes), got '" + *value + "'");
-    }
-  }
-  if (c.mm_projector_type != "mlp2x_gelu" && c.mm_projector_type != "linear")
-    bad("mm_projector_type", "expected mlp2x_gelu or linear");
+  data::check_data_config(c.data, where);
+}
+
+// A DeepSpeed JSON: its zero_optimization.stage and reduce_bucket_size.
+void read_deepspeed(TrainConfig& c) {
+  nlohmann::json ds;
   try {
-    schedule_from_name(c.lr_scheduler_type);
-  } catch (const Error& e) {
-    fail(where, e.what());
+    ds = nlohmann::json::parse(io::read_file(c.deepspeed));
+  } catch (const nlohmann::json::exception& e) {
+    fail(c.deepspeed, std::string("not valid JSON: ") + e.what());
   }
+  if (!ds.is_object()) fail(c.deepspeed, "expected a JSON object (a DeepSpeed config)");
+  auto stage = ds.value("/zero_optimization/stage"_json_pointer, nlohmann::json(0));
+  if (!stage.is_number_integer() || stage.get<int64_t>() < 0 || stage.get<int64_t>() > 2)
+    fail(c.deepspeed, "zero_optimization.stage: expected 0, 1 or 2 (ZeRO-3 is not supported), got " + stage.dump());
+  c.zero_stage = stage.get<int64_t>();
+  auto bucket = ds.value("/zero_optimization/reduce_bucket_size"_json_pointer, nlohmann::json(c.reduce_bucket_size));
+  if (bucket.is_number()) {  // DeepSpeed configs often write 5e8
+    const double value = bucket.get<double>();
+    if (!(value >= 1 && value <= static_cast<double>(int64_t{1} << 40)))
+      fail(c.deepspeed, "zero_optimization.reduce_bucket_size: expected a number in [1, 2^40], got " + bucket.dump());
+    c.reduce_bucket_size = static_cast<int64_t>(value);
+  } else if (bucket != "auto") {  // "auto" (HF Trainer fills it in): our default
+    fail(c.deepspeed, "zero_optimization.reduce_bucket_size: expected a number or \"auto\", got " + bucket.dump());
+  }
+}
+
+// Paths in the file (and in --set) are relative to the file, like the data section's.
+void resolve_relative_paths(TrainConfig& c, const fs::path& base) {
+  for (std::string* p : {&c.model_name_or_path, &c.output_dir, &c.vision_tower, &c.pretrain_mm_mlp_adapter, &c.deepspeed})
+    if (!p->empty() && fs::path(*p).is_relative()) *p = (base / *p).string();
+  if (c.resume_from_checkpoint != "" && c.resume_from_checkpoint != "auto" && fs::path(c.resume_from_checkpoint).is_relative())
+    c.resume_from_checkpoint = (base / c.resume_from_checkpoint).string();
+  data::resolve_relative_paths(c.data, base.string());
+}
+
+TrainConfig read_settings(const std::vector<io::Setting>& settings, const std::string& where, const fs::path& base) {
+  TrainConfig c;
+  c.source = where;
+  c.ignored_keys = train_schema().read(c, settings);
+  if (!base.empty()) resolve_relative_paths(c, base);
+  if (!c.deepspeed.empty()) read_deepspeed(c);
+  check_relations(c, where);
+  return c;
+}
+
+std::string layer_range(int64_t layers) {
+  return "[" + std::to_string(-(layers + 1)) + ", " + std::to_string(layers) + "]";
 }
 
 }  // namespace
 
 const std::vector<std::string>& config_keys() {
-  static const std::vector<std::string> keys = [] {
-    std::vector<std::string> k;
-    for (auto& [name, _] : train_fields()) k.push_back(name);
-    return k;
-  }();
+  static const std::vector<std::string> keys = train_schema().names();
   return keys;
 }
 
-std::string nearest_key(const std::string& key) {
-  std::string best;
-  size_t best_distance = std::max<size_t>(3, key.size() / 3) + 1;
-  for (auto& candidate : config_keys()) {
-    size_t d = edit_distance(key, candidate);
-    if (d < best_distance) best = candidate, best_distance = d;
-  }
-  return best;
+std::vector<std::string> ignored_config_keys() {
+  std::vector<std::string> out;
+  for (const auto& [name, key] : train_schema().keys())
+    if (key.use == io::KeyUse::kIgnored) out.push_back(name);
+  return out;
 }
 
+std::string nearest_key(const std::string& key) { return io::nearest_name(key, config_keys()); }
+
 TrainConfig parse_train_config(const YAML::Node& root, const std::string& where) {
-  if (!root.IsMap()) fail(where, "expected a YAML map of settings");
-  TrainConfig c;
-  std::vector<std::pair<std::string, YAML::Node>> entries;
-  flatten(root, "", entries);
-  for (auto& [key, value] : entries) {
-    auto field = train_fields().find(key);
-    if (field == train_fields().end()) {
-      std::string hint = nearest_key(key);
-      fail(where, "unknown key '" + key + "'" + (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
-    }
-    if (!value.IsNull()) field->second(c, value, key, where);
-  }
-  c.data = data::read_data_config(root, where);
-  if (!c.deepspeed.empty()) {
-    nlohmann::json ds;
-    try {
-      ds = nlohmann::json::parse(io::read_file(c.deepspeed));
-    } catch (const nlohmann::json::exception& e) {
-      fail(c.deepspeed, std::string("not valid JSON: ") + e.what());
-    }
-    auto stage = ds.value("/zero_optimization/stage"_json_pointer, nlohmann::json(0));
-    if (!stage.is_number_integer()) fail(c.deepspeed, "zero_optimization.stage must be an integer");
-    c.zero_stage = stage.get<int64_t>();
-    auto bucket = ds.value("/zero_optimization/reduce_bucket_size"_json_pointer, nlohmann::json(c.reduce_bucket_size));
-    if (bucket.is_number())  // DeepSpeed configs often write 5e8
-      c.reduce_bucket_size = static_cast<int64_t>(bucket.get<double>());
-    else if (bucket != "auto")  // "auto" (HF Trainer fills it in): our default
-      fail(c.deepspeed, "zero_optimization.reduce_bucket_size must be a number or \"auto\"");
-  }
-  check_combinations(c, root, where);
-  return c;
+  return read_settings(io::settings_of(root, where, {"lr_scheduler_kwargs"}), where, "");
 }
 
 TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides) {
-  YAML::Node root;
-  try {
-    root = YAML::LoadFile(path);
-  } catch (const YAML::BadFile&) {
-    fail(path, "cannot open config file");
-  } catch (const YAML::Exception& e) {
-    fail(path, std::string("not valid YAML: ") + e.what());
+  auto settings = io::settings_of(io::load_yaml_config(path), path, {"lr_scheduler_kwargs"});
+  for (const auto& o : overrides) settings.push_back(io::setting_from_override(o));
+  fs::path base = fs::path(path).parent_path();
+  if (base.empty()) base = ".";
+  return read_settings(settings, path, base);
+}
+
+void check_against_model_and_data(const TrainConfig& c, const model::LlavaConfig& m, int64_t samples, int world_size) {
+  const std::string model_config = (fs::path(c.model_name_or_path) / "config.json").string();
+  auto bad = [&](const std::string& key, const std::string& why) {
+    fail(c.source, "key '" + key + "': " + why + " (" + model_config + ")");
+  };
+  // Keys the model's config.json decides: they may only repeat it.
+  const int64_t layers = m.vision.num_hidden_layers;
+  if (auto layer = c.mm_vision_select_layer) {
+    if (*layer < -(layers + 1) || *layer > layers)
+      bad("mm_vision_select_layer", "expected a hidden state of the vision tower's " + std::to_string(layers) +
+                                        " layers, in " + layer_range(layers) + ", got " + std::to_string(*layer));
+    auto absolute = [&](int64_t l) { return l < 0 ? l + layers + 1 : l; };
+    if (m.vision_feature_layers.size() != 1 || absolute(m.vision_feature_layers[0]) != absolute(*layer))
+      bad("mm_vision_select_layer", std::to_string(*layer) + " contradicts the model, which selects layer " +
+                                        std::to_string(m.vision_feature_layers[0]) +
+                                        " (vision_feature_layer); remove the key or give the model's value");
   }
-  for (auto& o : overrides) {
-    auto eq = o.find('=');
-    if (eq == std::string::npos || eq == 0) throw Error("--set '" + o + "': expected key=value");
-    std::string key = o.substr(0, eq);
-    YAML::Node value;
-    try {
-      value = YAML::Load(o.substr(eq + 1));
-    } catch (const YAML::Exception& e) {
-      throw Error("--set " + key + ": value is not valid YAML: " + e.what());
-    }
-    auto dot = key.find('.');
-    if (dot == std::string::npos) root[key] = value;
-    else root[key.substr(0, dot)][key.substr(dot + 1)] = value;
+  const std::string projector = "mlp2x_" + m.projector_hidden_act;
+  if (c.mm_projector_type && *c.mm_projector_type != projector)
+    bad("mm_projector_type", "'" + *c.mm_projector_type + "' contradicts the model, whose projector is " + projector +
+                                 "; remove the key or give the model's value");
+  if (c.mm_vision_select_feature) {
+    const std::string feature = m.vision_feature_select_strategy == "full" ? "cls_patch" : "patch";
+    if (*c.mm_vision_select_feature != feature)
+      bad("mm_vision_select_feature", "'" + *c.mm_vision_select_feature + "' contradicts the model, which uses " +
+                                          feature + " (vision_feature_select_strategy '" +
+                                          m.vision_feature_select_strategy + "')");
   }
-  // Paths in the file are relative to the file, like the data section's.
-  const fs::path base = fs::path(path).parent_path();
-  if (root.IsMap() && root["deepspeed"] && root["deepspeed"].IsScalar() && fs::path(root["deepspeed"].Scalar()).is_relative())
-    root["deepspeed"] = (base / root["deepspeed"].Scalar()).string();  // read while parsing
-  TrainConfig c = parse_train_config(root, path);
-  for (std::string* p : {&c.model_name_or_path, &c.output_dir, &c.vision_tower, &c.pretrain_mm_mlp_adapter})
-    if (!p->empty() && fs::path(*p).is_relative()) *p = (base / *p).string();
-  if (c.resume_from_checkpoint != "" && c.resume_from_checkpoint != "auto" && fs::path(c.resume_from_checkpoint).is_relative())
-    c.resume_from_checkpoint = (base / c.resume_from_checkpoint).string();
-  data::resolve_relative_paths(c.data, base.string());
-  return c;
+  // Sizes the model cannot take.
+  if (c.data.model_max_length > m.text.max_position_embeddings)
+    bad("model_max_length", std::to_string(c.data.model_max_length) + " is more than the model's max_position_embeddings " +
+                                std::to_string(m.text.max_position_embeddings));
+  if (c.lora_enable && c.lora_r > m.text.hidden_size)
+    bad("lora_r", std::to_string(c.lora_r) + " is more than the model's hidden_size " +
+                      std::to_string(m.text.hidden_size) + " (a rank above it adds nothing)");
+  // Sizes the data cannot take. Like torch's DistributedSampler, an epoch is padded to whole global
+  // batches with samples from the start of its order (dataloader_drop_last: the rest is dropped). A global
+  // batch that needs more padding than the data set has samples (more than twice its size) is a config
+  // mistake, not a recipe: refused, as is one that drop_last would leave with no batch at all.
+  std::string data_files;
+  for (const auto& f : c.data.data_path) data_files += (data_files.empty() ? "" : ", ") + f;
+  auto bad_for_data = [&](const std::string& key, const std::string& why) {
+    fail(c.source, "key '" + key + "': " + why + " (" + data_files + ")");
+  };
+  const int64_t global_batch = c.data.per_device_train_batch_size * world_size;
+  const int64_t most = c.data.dataloader_drop_last ? samples : 2 * samples;
+  if (global_batch > most)
+    bad_for_data("per_device_train_batch_size",
+                 std::to_string(c.data.per_device_train_batch_size) + " x " + std::to_string(world_size) +
+                     " rank(s) = " + std::to_string(global_batch) + " samples per batch, but the data set has " +
+                     std::to_string(samples) + " samples; expected at most " + std::to_string(most) +
+                     (c.data.dataloader_drop_last ? " (dataloader_drop_last: true)" : " (each sample at most twice)"));
+  if (c.max_steps <= 0) {
+    const int64_t batches = c.data.dataloader_drop_last ? samples / global_batch : (samples + global_batch - 1) / global_batch;
+    const int64_t steps_per_epoch = (batches + c.gradient_accumulation_steps - 1) / c.gradient_accumulation_steps;
+    if (c.num_train_epochs * static_cast<double>(steps_per_epoch) > 1e9)
+      bad_for_data("num_train_epochs", std::to_string(c.num_train_epochs) + " epochs of " +
+                           std::to_string(steps_per_epoch) + " steps is more than 10^9 optimizer steps");
+  }
 }
 
 }  // namespace llava::train

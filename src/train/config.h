@@ -1,15 +1,21 @@
 // The training config: one YAML file whose keys are HF TrainingArguments' and LLaVA's Model/Data/
 // TrainingArguments' names, so a LLaVA launch script ports line by line. `--set key=value` overrides any
-// key (dots reach into maps: lr_scheduler_kwargs.min_lr=1e-5). Unknown keys, wrong types and impossible
-// combinations are errors that name the key (and suggest the nearest valid one).
+// key (dots reach into maps: lr_scheduler_kwargs.min_lr=1e-5).
+//
+// Every key is declared once in train_schema() (config.cpp): its type and range or allowed values, and
+// whether it acts or is accepted and ignored (README.md lists those). Checks happen in three layers, all
+// before anything is written: each key's value (the schema), keys that must agree with each other
+// (load_train_config), and keys against the model and the data (check_against_model_and_data, called by
+// the trainer once both are read). Every error names the file (line) and the key.
 #pragma once
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "data/config.h"
 
-namespace YAML {
-class Node;
+namespace llava::model {
+struct LlavaConfig;
 }
 
 namespace llava::train {
@@ -24,8 +30,10 @@ struct TrainConfig {
   bool tune_mm_mlp_adapter = false;     // stage 1: only the projector trains
   bool unfreeze_mm_vision_tower = false;
   bool freeze_backbone = false;
-  int64_t mm_vision_select_layer = -2;
-  std::string mm_projector_type = "mlp2x_gelu";
+  // The model's config.json decides these; given, they must agree with it (check_against_model_and_data).
+  std::optional<int64_t> mm_vision_select_layer;
+  std::optional<std::string> mm_projector_type;
+  std::optional<std::string> mm_vision_select_feature;  // patch (HF "default") | cls_patch (HF "full")
 
   // TrainingArguments
   std::string output_dir;
@@ -71,14 +79,25 @@ struct TrainConfig {
   // ZeRO 1/2: elements per gradient bucket (DeepSpeed's zero_optimization.reduce_bucket_size); also the
   // largest fp32 gradient chunk the update converts at once.
   int64_t reduce_bucket_size = 50'000'000;
+
+  std::string source;  // the config file (errors name it)
+  // Keys given that are accepted for HF/LLaVA compatibility and do nothing here (the trainer logs them).
+  std::vector<std::string> ignored_keys;
 };
 
 // Reads a config file, applies `overrides` ("key=value"), validates. `where` for errors is the file path.
 TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides = {});
 TrainConfig parse_train_config(const YAML::Node& root, const std::string& where);
 
+// The config against the model it trains (its config.json) and the data set (`samples` records) on
+// `world_size` ranks: keys that contradict the model, sizes the model or the data cannot take.
+void check_against_model_and_data(const TrainConfig& c, const model::LlavaConfig& model, int64_t samples,
+                                  int world_size);
+
 // Every key a config may hold, sorted (for suggestions and docs).
 const std::vector<std::string>& config_keys();
+// The keys accepted for compatibility that do nothing here.
+std::vector<std::string> ignored_config_keys();
 
 // The valid key closest to `key` by edit distance, or "" when none is close.
 std::string nearest_key(const std::string& key);

@@ -437,6 +437,17 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   std::ostream null_log(nullptr);  // other ranks log nothing
   std::ostream& log = is_main ? main_log : null_log;
 
+  // The model's config and the data first: every check of the config against them runs before the
+  // weights load and long before anything is written to output_dir.
+  const auto model_config = model::load_config(cfg.model_name_or_path, cfg.vision_tower);
+  const auto dataset = data::make_dataset(cfg.data, image_tokens_for(model_config));
+  check_against_model_and_data(cfg, model_config, static_cast<int64_t>(dataset.size()), comm.world_size());
+  if (!cfg.ignored_keys.empty()) {
+    std::string keys;
+    for (const auto& k : cfg.ignored_keys) keys += (keys.empty() ? "" : ", ") + k;
+    log << "config: accepted for HF/LLaVA compatibility and ignored: " << keys << std::endl;
+  }
+
   // Model, then what trains. bf16: the model computes in bf16; the optimizer keeps fp32 masters.
   auto loaded = model::load_model(cfg.model_name_or_path, cfg.bf16 ? torch::kBFloat16 : torch::kFloat32,
                                   cfg.vision_tower);
@@ -464,7 +475,6 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   if (trainables.empty()) throw Error("config: nothing to train (every parameter is frozen)");
 
   // Data: batches exactly as `llava preprocess` writes them; every rank takes its part of each global batch.
-  const auto dataset = data::make_dataset(cfg.data, image_tokens_for(loaded.config));
   data::DistributedSampler sampler(data::sampler_config_for(cfg.data), dataset.modality_lengths(), comm.rank(),
                                    comm.world_size());
   const int64_t batches_per_epoch = sampler.epoch_length() / sampler.global_batch();

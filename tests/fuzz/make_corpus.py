@@ -127,6 +127,14 @@ def train_config_seeds():
     put(d, "small.yaml", "model_name_or_path: model\ndata_path: [a.json, b.jsonl]\noutput_dir: out\n"
                          "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1.0e-5}\n"
                          "lora_enable: true\nlora_target_modules: [q_proj, v_proj]\nmax_steps: 10\nsave_steps: 5\n")
+    # Nesting just past the loader's depth cap in each shape (flow lists, flow maps, block maps, block
+    # lists), a second document and a key given twice: the fuzzer mutates them deeper.
+    put(d, "deep_flow_list.yaml", "model_name_or_path: m\ndata_path: " + "[" * 40 + "]" * 40 + "\n")
+    put(d, "deep_flow_map.yaml", "model_name_or_path: m\nlr_scheduler_kwargs: " + "{a: " * 40 + "1" + "}" * 40 + "\n")
+    put(d, "deep_block_map.yaml", "".join(" " * i + "a:\n" for i in range(40)) + " " * 40 + "b: 1\n")
+    put(d, "deep_block_list.yaml", "data_path:\n" + "".join(" " * (2 * i) + "-\n" for i in range(40)) + " " * 80 + "- x\n")
+    put(d, "two_documents.yaml", "model_name_or_path: m\n---\noutput_dir: out\n")
+    put(d, "duplicate_key.yaml", "model_name_or_path: m\nlr_scheduler_kwargs: {min_lr: 1.0e-5, min_lr: 2.0e-5}\n")
 
 
 def data_record_seeds():

@@ -19,6 +19,7 @@
 #include <random>
 #include <set>
 
+#include "io/command_line.h"
 #include "io/error.h"
 
 extern char** environ;
@@ -425,7 +426,7 @@ LaunchConfig parse_launch_args(const std::vector<std::string>& args) {
   auto options = make_options();
   LaunchConfig config;
   try {
-    auto parsed = options.parse(static_cast<int>(argv.size()), argv.data());
+    auto parsed = io::parse_command_line(options, static_cast<int>(argv.size()), argv.data(), "llava-run");
     config.help = parsed.count("help") > 0;
     config.nproc_per_node = parsed["nproc_per_node"].as<int>();
     config.nnodes = parse_nnodes(parsed["nnodes"].as<std::string>());
