@@ -11,6 +11,7 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/json_input.h"
 #include "io/safetensors.h"
 #include "train/schedule.h"
 
@@ -258,18 +259,15 @@ TrainConfig parse_train_config(const YAML::Node& root, const std::string& where)
   }
   c.data = data::read_data_config(root, where);
   if (!c.deepspeed.empty()) {
-    nlohmann::json ds;
-    try {
-      ds = nlohmann::json::parse(io::read_file(c.deepspeed));
-    } catch (const nlohmann::json::exception& e) {
-      fail(c.deepspeed, std::string("not valid JSON: ") + e.what());
-    }
+    const nlohmann::json ds = io::read_json_file(c.deepspeed);
+    if (!ds.is_object() || (ds.contains("zero_optimization") && !ds["zero_optimization"].is_object()))
+      fail(c.deepspeed, "expected a DeepSpeed config object with a 'zero_optimization' object");
     auto stage = ds.value("/zero_optimization/stage"_json_pointer, nlohmann::json(0));
     if (!stage.is_number_integer()) fail(c.deepspeed, "zero_optimization.stage must be an integer");
-    c.zero_stage = stage.get<int64_t>();
+    c.zero_stage = io::json_integer(stage, c.deepspeed + ": zero_optimization.stage", 0, 3);
     auto bucket = ds.value("/zero_optimization/reduce_bucket_size"_json_pointer, nlohmann::json(c.reduce_bucket_size));
     if (bucket.is_number())  // DeepSpeed configs often write 5e8
-      c.reduce_bucket_size = static_cast<int64_t>(bucket.get<double>());
+      c.reduce_bucket_size = io::json_integer(bucket, c.deepspeed + ": zero_optimization.reduce_bucket_size", 1);
     else if (bucket != "auto")  // "auto" (HF Trainer fills it in): our default
       fail(c.deepspeed, "zero_optimization.reduce_bucket_size must be a number or \"auto\"");
   }
