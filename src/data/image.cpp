@@ -278,7 +278,7 @@ ClipImageConfig read_clip_image_config(const std::string& path) {
     cfg.rescale_factor = j.value("rescale_factor", cfg.rescale_factor);
     if (j.contains("image_mean")) cfg.image_mean = j["image_mean"].get<std::array<float, 3>>();
     if (j.contains("image_std")) cfg.image_std = j["image_std"].get<std::array<float, 3>>();
-    if (j.value("resample", 3) != 3) fail(path, "resample: only 3 (bicubic) is supported");
+    if (io::json_integer_field(j, "resample", 3, path) != 3) fail(path, "resample: only 3 (bicubic) is supported");
   } catch (const nlohmann::json::exception& e) {
     fail(path, "unexpected value: " + io::json_error_text(e));
   }

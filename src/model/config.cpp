@@ -122,7 +122,10 @@ TextConfig parse_text(const json& j, const std::string& where, bool allow_llava_
   if (j.contains("eos_token_id")) {
     const json& eos = j["eos_token_id"];
     if (eos.is_null()) t.eos_token_ids.clear();
-    else if (eos.is_array()) t.eos_token_ids = get<std::vector<int64_t>>(j, "eos_token_id", {}, where);
+    else if (eos.is_array()) {
+      t.eos_token_ids.clear();
+      for (const json& id : eos) t.eos_token_ids.push_back(io::json_integer(id, where + ": eos_token_id"));
+    }
     else t.eos_token_ids = {get<int64_t>(j, "eos_token_id", 2, where)};
   }
   if (get<int64_t>(j, "pretraining_tp", 1, where) != 1) fail(where, "pretraining_tp != 1 is not supported");
@@ -148,7 +151,8 @@ VisionConfig llava_default_vision() {
 std::vector<int64_t> parse_feature_layers(const json& j, const std::string& key, const std::string& where) {
   if (!j.contains(key) || j[key].is_null()) return {-2};
   if (j[key].is_array()) {
-    auto layers = get<std::vector<int64_t>>(j, key, {}, where);
+    std::vector<int64_t> layers;  // checked one by one: a float element would be cast unchecked
+    for (const json& layer : j[key]) layers.push_back(io::json_integer(layer, where + ": " + key, -(1 << 10), 1 << 10));
     if (layers.empty()) fail(where, "'" + key + "' is an empty list");
     return layers;
   }
