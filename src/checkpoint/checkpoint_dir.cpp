@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -10,6 +11,7 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/json_input.h"
 
 namespace llava::checkpoint {
 
@@ -29,6 +31,16 @@ void fsync_tree(const fs::path& dir) {
   for (auto& entry : fs::recursive_directory_iterator(dir))
     if (entry.is_directory()) io::fsync_dir(entry.path().string());
   io::fsync_dir(dir.string());
+}
+
+// The N of a checkpoint-N folder: a step we could have written (0 to kMaxStep), else an Error naming it.
+int64_t checkpoint_step(const std::string& digits, const std::string& folder) {
+  int64_t step = 0;
+  const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), step);
+  if (ec != std::errc() || end != digits.data() + digits.size() || step > kMaxStep)
+    fail(folder, "the step number " + digits + " is out of range (a checkpoint-N folder has N from 0 to " +
+                     std::to_string(kMaxStep) + "); rename or remove the folder");
+  return step;
 }
 
 }  // namespace
@@ -70,13 +82,13 @@ std::string PendingCheckpoint::commit() {
 
 std::vector<std::string> complete_checkpoints(const std::string& output_dir) {
   static const std::regex pattern(R"(^checkpoint-(\d+)$)");
-  std::vector<std::pair<long long, std::string>> found;
+  std::vector<std::pair<int64_t, std::string>> found;
   if (!fs::is_directory(output_dir)) return {};
   for (auto& entry : fs::directory_iterator(output_dir)) {
     std::smatch m;
     const std::string name = entry.path().filename().string();
     if (entry.is_directory() && std::regex_match(name, m, pattern))
-      found.emplace_back(std::stoll(m[1].str()), entry.path().string());
+      found.emplace_back(checkpoint_step(m[1].str(), entry.path().string()), entry.path().string());
   }
   std::sort(found.begin(), found.end());
   std::vector<std::string> out;
@@ -129,27 +141,26 @@ void write_trainer_state(const std::string& path, const TrainerState& s) {
 }
 
 TrainerState read_trainer_state(const std::string& path) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(io::read_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    fail(path, std::string("not valid JSON: ") + e.what());
-  }
+  const nlohmann::json j = io::read_json_file(path);
+  if (!j.is_object()) fail(path, "expected a trainer state object, got " + std::string(j.type_name()));
+  if (!j.contains("global_step")) fail(path, "no 'global_step'");
   TrainerState s;
+  // Step counts index the data order and name checkpoint folders: whole numbers from 0 to kMaxStep.
+  s.global_step = io::json_integer_field(j, "global_step", 0, path, 0, kMaxStep);
+  s.max_steps = io::json_integer_field(j, "max_steps", 0, path, -1, kMaxStep);  // HF writes -1 for "by epochs"
+  s.logging_steps = io::json_integer_field(j, "logging_steps", 500, path, 0, kMaxStep);
+  s.eval_steps = io::json_integer_field(j, "eval_steps", 500, path, 0, kMaxStep);
+  s.save_steps = io::json_integer_field(j, "save_steps", 500, path, 0, kMaxStep);
+  s.train_batch_size = io::json_integer_field(j, "train_batch_size", 1, path, 0, kMaxStep);
+  s.num_train_epochs = io::json_integer_field(j, "num_train_epochs", 1, path, 0, kMaxStep);
   try {
     s.epoch = j.value("epoch", 0.0);
-    s.global_step = j.at("global_step").get<int64_t>();
-    s.max_steps = j.value("max_steps", int64_t(0));
-    s.logging_steps = j.value("logging_steps", int64_t(500));
-    s.eval_steps = j.value("eval_steps", int64_t(500));
-    s.save_steps = j.value("save_steps", int64_t(500));
-    s.train_batch_size = j.value("train_batch_size", int64_t(1));
-    s.num_train_epochs = j.value("num_train_epochs", int64_t(1));
     s.total_flos = j.value("total_flos", 0.0);
     s.log_history = j.value("log_history", nlohmann::json::array());
   } catch (const nlohmann::json::exception& e) {
-    fail(path, std::string("unexpected trainer state: ") + e.what());
+    fail(path, "unexpected trainer state: " + io::json_error_text(e));
   }
+  if (!s.log_history.is_array()) fail(path, "'log_history' must be a list");
   return s;
 }
 

@@ -11,6 +11,11 @@
 
 namespace llava::checkpoint {
 
+// The largest step count a checkpoint may name (global_step in trainer_state.json, N in checkpoint-N):
+// 2^53, the last integer every JSON reader (Python's float, JavaScript) holds exactly, and far beyond
+// any run. Larger or negative steps from a file are an Error naming it.
+constexpr int64_t kMaxStep = int64_t(1) << 53;
+
 class PendingCheckpoint {
  public:
   // Starts `output_dir/.checkpoint-<step>.partial` (removing a stale one from an earlier crash).
@@ -28,7 +33,8 @@ class PendingCheckpoint {
   bool committed_ = false;
 };
 
-// Complete checkpoint-N folders of `output_dir`, oldest (smallest N) first.
+// Complete checkpoint-N folders of `output_dir`, oldest (smallest N) first. A folder whose N is above
+// kMaxStep is an Error naming it (it cannot be ordered against the others; renaming it is the user's call).
 std::vector<std::string> complete_checkpoints(const std::string& output_dir);
 
 // The newest complete checkpoint (largest N, as transformers' get_last_checkpoint), if any.

@@ -4,7 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/error.h"
-#include "io/file_util.h"
+#include "io/json_input.h"
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
 
@@ -47,12 +47,7 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name) {
   const fs::path dir(dir_name);
   const std::string config_path = (dir / "adapter_config.json").string();
   if (!fs::exists(config_path)) fail(dir_name, "no adapter_config.json (not a PEFT adapter directory)");
-  nlohmann::json config;
-  try {
-    config = nlohmann::json::parse(io::read_file(config_path));
-  } catch (const nlohmann::json::exception& e) {
-    fail(config_path, std::string("not valid JSON: ") + e.what());
-  }
+  const nlohmann::json config = io::read_json_file(config_path);
   if (config.value("peft_type", std::string()) != "LORA") fail(config_path, "peft_type must be LORA");
   for (const char* unsupported : {"use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication"})
     if (is_set(config, unsupported)) fail(config_path, std::string("'") + unsupported + "' is not supported");

@@ -84,8 +84,8 @@ Prompt prompt_from_text(const cxxopts::ParseResult& args, const std::string& mod
                                                 has_image, tokenizer, llava::train::image_tokens_for(config));
   prompt.input_ids = torch::tensor(ids).unsqueeze(0);
   if (has_image) {
-    auto image = llava::data::load_image(args["image"].as<std::string>());
-    prompt.pixel_values = llava::data::clip_preprocess(image, image_config_for(model_dir, config)).unsqueeze(0);
+    prompt.pixel_values =
+        llava::data::load_clip_pixels(args["image"].as<std::string>(), image_config_for(model_dir, config)).unsqueeze(0);
   }
   return prompt;
 }
@@ -142,6 +142,10 @@ int run_infer(int argc, char** argv) {
   gen.seed = args["seed"].as<uint64_t>();
   gen.eos_token_ids = loaded.config.text.eos_token_ids;
   gen.pad_token_id = loaded.config.text.pad_token_id.value_or(gen.eos_token_ids.empty() ? 0 : gen.eos_token_ids[0]);
+  // Refused before the prefill, whose attention grows with the square of the prompt length.
+  gen.max_new_tokens = llava::model::new_tokens_within_context(prompt.input_ids.size(1), gen.max_new_tokens,
+                                                               loaded.config.text.max_position_embeddings,
+                                                               args.count("prompt") ? "--prompt" : "--input-ids");
 
   // Text is decoded from all ids so far, so pieces that only make sense together (bytes of one
   // character, a leading space) come out right; a trailing U+FFFD may be an unfinished character, so it

@@ -11,7 +11,7 @@
 #include "io/command_line.h"
 #include "data/config.h"
 #include "io/error.h"
-#include "io/file_util.h"
+#include "io/json_input.h"
 #include "io/safetensors.h"
 
 namespace {
@@ -24,21 +24,22 @@ llava::data::ImageTokens image_tokens_from_model(const std::string& model_dir) {
   const fs::path path = fs::path(model_dir) / "config.json";
   llava::data::ImageTokens tokens;
   if (model_dir.empty() || !fs::exists(path)) return tokens;
-  nlohmann::json cfg;
-  try {
-    cfg = nlohmann::json::parse(llava::io::read_file(path.string()));
-  } catch (const nlohmann::json::exception& e) {
-    llava::fail(path.string(), std::string("invalid JSON: ") + e.what());
-  }
+  const nlohmann::json cfg = llava::io::read_json_file(path.string());
+  if (!cfg.is_object()) llava::fail(path.string(), "expected a JSON object");
   const char* id_key = cfg.contains("image_token_index") ? "image_token_index" : "image_token_id";
   if (!cfg.contains(id_key)) return tokens;
-  tokens.id = cfg[id_key].get<int64_t>();
+  const std::string where = path.string();
+  tokens.id = llava::io::json_integer(cfg[id_key], where + ": " + id_key);
   if (cfg.contains("image_seq_length")) {
-    tokens.count = cfg["image_seq_length"].get<int64_t>();
+    tokens.count = llava::io::json_integer(cfg["image_seq_length"], where + ": image_seq_length", 1, 1 << 20);
   } else {
-    const auto vision = cfg.value("vision_config", nlohmann::json::object());
-    const int64_t side = vision.value("image_size", 224) / vision.value("patch_size", 32);  // CLIP defaults
-    tokens.count = side * side + (cfg.value("vision_feature_select_strategy", "default") == "full" ? 1 : 0);
+    auto vision = cfg.value("vision_config", nlohmann::json::object());
+    if (vision.is_null()) vision = nlohmann::json::object();
+    const std::string vision_where = where + ": vision_config";
+    const int64_t side = llava::io::json_integer_field(vision, "image_size", 224, vision_where, 1, 1 << 13) /
+                         llava::io::json_integer_field(vision, "patch_size", 32, vision_where, 1, 1 << 13);  // CLIP defaults
+    const auto strategy = cfg.value("vision_feature_select_strategy", nlohmann::json("default"));
+    tokens.count = side * side + (strategy == "full" ? 1 : 0);
   }
   return tokens;
 }

@@ -3,9 +3,10 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string_view>
 
 #include "io/error.h"
-#include "io/file_util.h"
+#include "io/json_input.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -54,30 +55,25 @@ std::vector<Record> load_records(const std::vector<std::string>& paths) {
   std::vector<Record> records;
   for (const auto& path : paths) {
     const size_t before = records.size();
-    const std::string text = io::read_file(path);
+    const std::string text = io::read_input_file(path, io::InputKind::kDataset);
     const size_t first = text.find_first_not_of(" \t\r\n");
     if (first != std::string::npos && text[first] == '[') {
-      json list;
-      try {
-        list = json::parse(text);
-      } catch (const json::exception& e) {
-        fail(path, std::string("invalid JSON: ") + e.what());
-      }
+      io::JsonParseOptions options;
+      options.item_name = "record";  // a record nested too deep is named like every other bad record
+      const json list = io::parse_json(text, path, options);
       for (size_t i = 0; i < list.size(); ++i)
         records.push_back(parse_record(list[i], path + ": record " + std::to_string(i)));
-    } else {  // JSONL
-      std::istringstream lines(text);
-      std::string line;
-      for (size_t n = 1; std::getline(lines, line); ++n) {
-        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    } else {  // JSONL: lines are views into `text`, each parsed on its own
+      size_t n = 0;
+      for (size_t start = 0; start < text.size();) {
+        size_t end = text.find('\n', start);
+        if (end == std::string::npos) end = text.size();
+        const std::string_view line(text.data() + start, end - start);
+        start = end + 1;
+        ++n;
+        if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
         const std::string where = path + ": line " + std::to_string(n);
-        json j;
-        try {
-          j = json::parse(line);
-        } catch (const json::exception& e) {
-          fail(where, std::string("invalid JSON: ") + e.what());
-        }
-        records.push_back(parse_record(j, where));
+        records.push_back(parse_record(io::parse_json(line, where), where));
       }
     }
     if (records.size() == before) fail(path, "no records (expected a JSON list of records, or one JSON record per line)");
@@ -100,7 +96,7 @@ std::optional<Example> LlavaDataset::get(size_t i) const {
   if (!r.image.empty()) {
     const std::string path = (fs::path(settings_.image_folder) / r.image).string();
     try {
-      ex.pixel_values = clip_preprocess(load_image(path), settings_.image);
+      ex.pixel_values = load_clip_pixels(path, settings_.image);  // bounded: kMaxImagePixels, image_budget()
     } catch (const Error& e) {
       if (settings_.skip_missing_images) return std::nullopt;
       throw Error(r.where + ": " + e.what());

@@ -6,7 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/error.h"
-#include "io/file_util.h"
+#include "io/json_input.h"
 
 namespace llava::data {
 namespace {
@@ -99,17 +99,136 @@ Image resample_vertical(const Image& in, int out_h) {
 
 }  // namespace
 
-Image decode_image(const std::string& bytes, const std::string& where) {
+// ------------------------------------------------------------------------------------ bounded decoding
+
+ByteBudget::Lease ByteBudget::acquire(uint64_t bytes) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return held_ == 0 || held_ + bytes <= capacity_; });
+  held_ += bytes;
+  peak_ = std::max(peak_, held_);
+  return Lease(this, bytes);
+}
+
+void ByteBudget::release(uint64_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    held_ -= bytes;
+  }
+  cv_.notify_all();
+}
+
+uint64_t ByteBudget::held() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return held_;
+}
+
+uint64_t ByteBudget::peak_held() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return peak_;
+}
+
+ByteBudget& image_budget() {
+  static ByteBudget budget(kImageBudgetBytes);
+  return budget;
+}
+
+namespace {
+
+// What the header says, read without decoding a pixel.
+struct ImageHeader {
+  int width = 0, height = 0, channels = 0;
+  bool sixteen_bit = false;
+  int64_t pixels() const { return int64_t(width) * height; }
+};
+
+std::string dims(int64_t w, int64_t h) { return std::to_string(w) + "x" + std::to_string(h); }
+
+ImageHeader read_header(const std::string& bytes, const std::string& where) {
+  const auto* data = reinterpret_cast<const unsigned char*>(bytes.data());
+  const int size = static_cast<int>(bytes.size());  // io::kMaxImageFileBytes fits an int
+  ImageHeader h;
+  if (!stbi_info_from_memory(data, size, &h.width, &h.height, &h.channels))
+    fail(where, std::string("cannot decode image: ") + stbi_failure_reason());
+  h.sixteen_bit = stbi_is_16_bit_from_memory(data, size) != 0;
+  if (h.width < 1 || h.height < 1) fail(where, "cannot decode image: it has no pixels (" + dims(h.width, h.height) + ")");
+  if (h.pixels() > kMaxImagePixels)
+    fail(where, "image is " + dims(h.width, h.height) + " = " + std::to_string(h.pixels()) + " pixels, more than the limit of " +
+                    std::to_string(kMaxImagePixels) + " (PIL's MAX_IMAGE_PIXELS); refused before decoding");
+  return h;
+}
+
+// stb's peak while decoding: the inflated/unfiltered source (up to 2 bytes x channels per pixel, twice)
+// and the RGB result, plus our copy of it.
+uint64_t decode_bytes(const ImageHeader& h) {
+  const uint64_t source = uint64_t(h.channels) * (h.sixteen_bit ? 2 : 1);
+  return uint64_t(h.pixels()) * (2 * source + 3 + 3);
+}
+
+Image decode_pixels(const std::string& bytes, const std::string& where, const ImageHeader& header) {
   int w = 0, h = 0, channels = 0;
   unsigned char* data = stbi_load_from_memory(reinterpret_cast<const unsigned char*>(bytes.data()),
                                               static_cast<int>(bytes.size()), &w, &h, &channels, 3);
   if (!data) fail(where, std::string("cannot decode image: ") + stbi_failure_reason());
+  if (w != header.width || h != header.height) {  // never seen; the budget and limit were for the header's size
+    stbi_image_free(data);
+    fail(where, "cannot decode image: the header says " + dims(header.width, header.height) + ", the pixels are " + dims(w, h));
+  }
   Image img{w, h, std::vector<uint8_t>(data, data + static_cast<size_t>(w) * h * 3)};
   stbi_image_free(data);
   return img;
 }
 
-Image load_image(const std::string& path) { return decode_image(io::read_file(path), path); }
+// The sizes clip_preprocess goes through for a width x height input: the pad-to-square canvas and the
+// shortest-edge resize. Each is refused above kMaxImagePixels (an extreme aspect ratio).
+struct PreprocessSizes {
+  int64_t canvas_w, canvas_h, resized_w, resized_h;
+};
+
+PreprocessSizes preprocess_sizes(int64_t width, int64_t height, const ClipImageConfig& cfg, const std::string& where) {
+  PreprocessSizes s{width, height, width, height};
+  if (cfg.pad_to_square) s.canvas_w = s.canvas_h = std::max(width, height);
+  if (s.canvas_w * s.canvas_h > kMaxImagePixels)
+    fail(where, "image is " + dims(width, height) + ": its pad-to-square canvas " + dims(s.canvas_w, s.canvas_h) +
+                    " has more than the limit of " + std::to_string(kMaxImagePixels) + " pixels");
+  s.resized_w = s.canvas_w, s.resized_h = s.canvas_h;
+  if (cfg.do_resize) {
+    const bool wide = s.canvas_w >= s.canvas_h;
+    const int64_t short_side = wide ? s.canvas_h : s.canvas_w, long_side = wide ? s.canvas_w : s.canvas_h;
+    const double new_long = static_cast<double>(cfg.shortest_edge) * long_side / short_side;
+    if (new_long * cfg.shortest_edge > static_cast<double>(kMaxImagePixels))
+      fail(where, "image is " + dims(width, height) + ": resizing its shortest edge to " + std::to_string(cfg.shortest_edge) +
+                      " makes more than the limit of " + std::to_string(kMaxImagePixels) + " pixels (aspect ratio too extreme)");
+    (wide ? s.resized_w : s.resized_h) = static_cast<int64_t>(new_long);
+    (wide ? s.resized_h : s.resized_w) = cfg.shortest_edge;
+  }
+  return s;
+}
+
+// Every buffer clip_preprocess may hold at once, as an upper bound: its copy of the input, the canvas,
+// both resize passes, and the cropped float64 image with its normalized float32 result.
+uint64_t preprocess_bytes(const ImageHeader& h, const PreprocessSizes& s, const ClipImageConfig& cfg) {
+  const uint64_t rgb = 3;
+  return uint64_t(h.pixels()) * rgb + uint64_t(s.canvas_w * s.canvas_h) * rgb + uint64_t(s.resized_w * s.canvas_h) * rgb +
+         uint64_t(s.resized_w * s.resized_h) * rgb + uint64_t(cfg.crop_height) * cfg.crop_width * rgb * (8 + 8 + 4);
+}
+
+}  // namespace
+
+Image decode_image(const std::string& bytes, const std::string& where) {
+  const ImageHeader header = read_header(bytes, where);
+  auto lease = image_budget().acquire(decode_bytes(header));
+  return decode_pixels(bytes, where, header);
+}
+
+Image load_image(const std::string& path) { return decode_image(io::read_input_file(path, io::InputKind::kImage), path); }
+
+torch::Tensor load_clip_pixels(const std::string& path, const ClipImageConfig& cfg) {
+  const std::string bytes = io::read_input_file(path, io::InputKind::kImage);
+  const ImageHeader header = read_header(bytes, path);
+  const PreprocessSizes sizes = preprocess_sizes(header.width, header.height, cfg, path);
+  auto lease = image_budget().acquire(decode_bytes(header) + preprocess_bytes(header, sizes, cfg));
+  return clip_preprocess(decode_pixels(bytes, path, header), cfg);
+}
 
 Image expand_to_square(const Image& img, std::array<uint8_t, 3> fill) {
   if (img.width == img.height) return img;
@@ -131,22 +250,26 @@ Image resize_bicubic(const Image& img, int width, int height) {
 }
 
 ClipImageConfig read_clip_image_config(const std::string& path) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(io::read_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    fail(path, std::string("invalid JSON: ") + e.what());
-  }
+  const nlohmann::json j = io::read_json_file(path);
+  if (!j.is_object()) fail(path, "expected a JSON object");
   ClipImageConfig cfg;
+  // Sizes in pixels: at least 1, at most a side whose square is within kMaxImagePixels.
+  auto side = [&](const nlohmann::json& v, const std::string& key) {
+    return static_cast<int>(io::json_integer(v, path + ": " + key, 1, 9459));
+  };
+  auto side_in = [&](const nlohmann::json& v, const char* outer, const char* key) {
+    if (!v.is_object() || !v.contains(key)) fail(path, std::string(outer) + ": expected a number or {\"" + key + "\": ...}");
+    return side(v[key], std::string(outer) + "." + key);
+  };
   try {
     if (j.contains("size")) {  // 336 or {"shortest_edge": 336}
       const auto& s = j["size"];
-      cfg.shortest_edge = s.is_number() ? s.get<int>() : s.at("shortest_edge").get<int>();
+      cfg.shortest_edge = s.is_number() ? side(s, "size") : side_in(s, "size", "shortest_edge");
     }
     if (j.contains("crop_size")) {  // 336 or {"height": 336, "width": 336}
       const auto& s = j["crop_size"];
-      cfg.crop_height = s.is_number() ? s.get<int>() : s.at("height").get<int>();
-      cfg.crop_width = s.is_number() ? s.get<int>() : s.at("width").get<int>();
+      cfg.crop_height = s.is_number() ? side(s, "crop_size") : side_in(s, "crop_size", "height");
+      cfg.crop_width = s.is_number() ? side(s, "crop_size") : side_in(s, "crop_size", "width");
     }
     cfg.do_resize = j.value("do_resize", cfg.do_resize);
     cfg.do_center_crop = j.value("do_center_crop", cfg.do_center_crop);
@@ -155,14 +278,15 @@ ClipImageConfig read_clip_image_config(const std::string& path) {
     cfg.rescale_factor = j.value("rescale_factor", cfg.rescale_factor);
     if (j.contains("image_mean")) cfg.image_mean = j["image_mean"].get<std::array<float, 3>>();
     if (j.contains("image_std")) cfg.image_std = j["image_std"].get<std::array<float, 3>>();
-    if (j.value("resample", 3) != 3) fail(path, "resample: only 3 (bicubic) is supported");
+    if (io::json_integer_field(j, "resample", 3, path) != 3) fail(path, "resample: only 3 (bicubic) is supported");
   } catch (const nlohmann::json::exception& e) {
-    fail(path, std::string("unexpected value: ") + e.what());
+    fail(path, "unexpected value: " + io::json_error_text(e));
   }
   return cfg;
 }
 
 torch::Tensor clip_preprocess(const Image& input, const ClipImageConfig& cfg) {
+  (void)preprocess_sizes(input.width, input.height, cfg, "image");  // the limits, for callers that decoded themselves
   Image img = input;
   if (cfg.pad_to_square) {
     std::array<uint8_t, 3> fill;  // LLaVA: tuple(int(x*255) for x in image_mean)
@@ -175,10 +299,9 @@ torch::Tensor clip_preprocess(const Image& input, const ClipImageConfig& cfg) {
     const int new_long = static_cast<int>(static_cast<double>(cfg.shortest_edge) * long_side / short_side);
     img = wide ? resize_bicubic(img, new_long, cfg.shortest_edge) : resize_bicubic(img, cfg.shortest_edge, new_long);
   }
-  // [H,W,3] uint8 -> [3,H,W] float
-  torch::Tensor t = torch::from_blob(img.rgb.data(), {img.height, img.width, 3}, torch::kUInt8)
-                        .permute({2, 0, 1})
-                        .to(torch::kFloat64);
+  // [H,W,3] uint8 -> [3,H,W]; cropped while still uint8 (the float64 copy is then only the crop's size:
+  // converting is exact, so crop-then-convert equals convert-then-crop).
+  torch::Tensor t = torch::from_blob(img.rgb.data(), {img.height, img.width, 3}, torch::kUInt8).permute({2, 0, 1});
   if (cfg.do_center_crop) {  // zero padding where the crop leaves the image, as HF does
     const int top = (img.height - cfg.crop_height) / 2, left = (img.width - cfg.crop_width) / 2;
     torch::Tensor out = torch::zeros({3, cfg.crop_height, cfg.crop_width}, torch::kFloat64);
@@ -186,6 +309,8 @@ torch::Tensor clip_preprocess(const Image& input, const ClipImageConfig& cfg) {
     const int y1 = std::min(top + cfg.crop_height, img.height), x1 = std::min(left + cfg.crop_width, img.width);
     out.narrow(1, y0 - top, y1 - y0).narrow(2, x0 - left, x1 - x0).copy_(t.narrow(1, y0, y1 - y0).narrow(2, x0, x1 - x0));
     t = out;
+  } else {
+    t = t.to(torch::kFloat64);
   }
   if (cfg.do_rescale) t = t * cfg.rescale_factor;
   t = t.to(torch::kFloat32);

@@ -1,12 +1,13 @@
 #include "data/tokenizer.h"
 
 #include <algorithm>
+#include <charconv>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
 
 #include "io/error.h"
-#include "io/file_util.h"
+#include "io/json_input.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -14,12 +15,16 @@ using nlohmann::json;
 namespace llava::data {
 namespace {
 
-json read_json(const std::string& path) {
-  try {
-    return json::parse(io::read_file(path));
-  } catch (const json::exception& e) {
-    fail(path, std::string("invalid JSON: ") + e.what());
-  }
+json read_json(const std::string& path) { return io::read_json_file(path); }
+
+// Token ids from files: far above any real vocabulary (Llama 3: 128k), low enough that vocab_size() (the
+// largest id + 1) never sizes an absurd embedding.
+constexpr int64_t kMaxTokenId = (int64_t(1) << 24) - 1;
+
+bool flag_of(const json& entry, const char* key, bool fallback, const std::string& where) {
+  if (!entry.is_object() || !entry.contains(key) || entry[key].is_null()) return fallback;
+  if (!entry[key].is_boolean()) fail(where, std::string(key) + ": expected true or false");
+  return entry[key].get<bool>();
 }
 
 // HF writes a special token either as "<s>" or as {"content": "<s>", ...}; null means "not set".
@@ -58,7 +63,7 @@ Tokenizer Tokenizer::load(const std::string& dir) {
   tok.dir_ = dir;
   const std::string model_path = (fs::path(dir) / "tokenizer.model").string();
   if (!fs::exists(model_path)) fail(model_path, "missing (a sentencepiece tokenizer.model is required)");
-  const std::string proto = io::read_file(model_path);
+  const std::string proto = io::read_input_file(model_path, io::InputKind::kTokenizerModel);
   tok.sp_ = std::make_unique<SentencePieceModel>(proto, true, model_path);
   tok.sp_no_prefix_ = std::make_unique<SentencePieceModel>(proto, false, model_path);
   const int64_t sp_size = tok.sp_->piece_size();
@@ -90,14 +95,13 @@ Tokenizer Tokenizer::load(const std::string& dir) {
     read_named(cfg, cfg_path);
     if (cfg.contains("added_tokens_decoder")) {
       for (auto& [id_text, entry] : cfg["added_tokens_decoder"].items()) {
-        int64_t id;
-        try {
-          id = std::stoll(id_text);
-        } catch (...) {
-          fail(cfg_path, "added_tokens_decoder: key '" + id_text + "' is not an id");
-        }
-        reg.add(token_content(entry, cfg_path + ": added_tokens_decoder." + id_text), id,
-                entry.value("special", true), cfg_path);
+        int64_t id = -1;
+        const auto [end, ec] = std::from_chars(id_text.data(), id_text.data() + id_text.size(), id);
+        if (ec != std::errc() || end != id_text.data() + id_text.size() || id < 0 || id > kMaxTokenId)
+          fail(cfg_path, "added_tokens_decoder: key '" + id_text + "' is not a token id (0 to " +
+                             std::to_string(kMaxTokenId) + ")");
+        const std::string where = cfg_path + ": added_tokens_decoder." + id_text;
+        reg.add(token_content(entry, where), id, flag_of(entry, "special", true, where), cfg_path);
       }
     }
   }
@@ -109,7 +113,7 @@ Tokenizer Tokenizer::load(const std::string& dir) {
     if (!added.is_object()) fail(added_path, "expected {\"token\": id, ...}");
     for (auto& [content, id] : added.items()) {
       if (!id.is_number_integer()) fail(added_path, "'" + content + "': expected an integer id");
-      reg.add(content, id.get<int64_t>(), false, added_path);
+      reg.add(content, io::json_integer(id, added_path + ": '" + content + "'", 0, kMaxTokenId), false, added_path);
     }
   }
   const std::string fast_path = (fs::path(dir) / "tokenizer.json").string();
@@ -118,10 +122,11 @@ Tokenizer Tokenizer::load(const std::string& dir) {
     if (fast.contains("added_tokens")) {
       size_t i = 0;
       for (const json& entry : fast["added_tokens"]) {
-        if (!entry.contains("id") || !entry.contains("content"))
-          fail(fast_path, "added_tokens[" + std::to_string(i) + "]: expected {id, content}");
-        reg.add(entry["content"].get<std::string>(), entry["id"].get<int64_t>(), entry.value("special", false),
-                fast_path);
+        const std::string where = fast_path + ": added_tokens[" + std::to_string(i) + "]";
+        if (!entry.is_object() || !entry.contains("id") || !entry.contains("content") || !entry["content"].is_string())
+          fail(where, "expected {id, content}");
+        reg.add(entry["content"].get<std::string>(), io::json_integer(entry["id"], where + ": id", 0, kMaxTokenId),
+                flag_of(entry, "special", false, where), fast_path);
         ++i;
       }
     }

@@ -1,6 +1,7 @@
 #include "io/file_util.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,22 +11,83 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <memory>
-#include <sstream>
 
 #include "io/error.h"
 
 namespace llava::io {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, std::string("cannot open for reading: ") + std::strerror(errno));
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  if (in.bad()) fail(path, "read error");
-  return buffer.str();
+uint64_t max_input_bytes(InputKind kind) {
+  switch (kind) {
+    case InputKind::kConfig: return kMaxConfigFileBytes;
+    case InputKind::kYamlConfig: return kMaxYamlConfigFileBytes;
+    case InputKind::kDataset: return kMaxDatasetFileBytes;
+    case InputKind::kTokenizerModel: return kMaxTokenizerModelFileBytes;
+    case InputKind::kImage: return kMaxImageFileBytes;
+  }
+  return kMaxConfigFileBytes;
 }
+
+const char* input_kind_name(InputKind kind) {
+  switch (kind) {
+    case InputKind::kConfig: return "config file";
+    case InputKind::kYamlConfig: return "YAML config file";
+    case InputKind::kDataset: return "data file";
+    case InputKind::kTokenizerModel: return "tokenizer model";
+    case InputKind::kImage: return "image file";
+  }
+  return "file";
+}
+
+namespace {
+
+const char* file_type_name(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
+struct FdCloser {
+  int fd;
+  ~FdCloser() { ::close(fd); }
+};
+
+std::string read_bounded(const std::string& path, uint64_t limit, const char* kind_name) {
+  // O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever; fstat then refuses it.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0) fail(path, std::string("cannot open for reading: ") + std::strerror(errno));
+  FdCloser closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) fail(path, std::string("cannot stat: ") + std::strerror(errno));
+  if (!S_ISREG(st.st_mode))
+    fail(path, std::string("is ") + file_type_name(st.st_mode) + ", expected a regular " + kind_name);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size > limit)
+    fail(path, std::string("is ") + std::to_string(size) + " bytes, more than the limit of " + std::to_string(limit) +
+                   " bytes for a " + kind_name);
+  std::string bytes(size, '\0');
+  uint64_t done = 0;
+  while (done < size) {  // a file that shrinks meanwhile gives what is there; one that grows, its first `size`
+    const ssize_t got = ::read(fd, bytes.data() + done, std::min<uint64_t>(size - done, 1u << 30));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) fail(path, std::string("read failed: ") + std::strerror(errno));
+    if (got == 0) break;
+    done += static_cast<uint64_t>(got);
+  }
+  bytes.resize(done);
+  return bytes;
+}
+
+}  // namespace
+
+std::string read_input_file(const std::string& path, InputKind kind) {
+  return read_bounded(path, max_input_bytes(kind), input_kind_name(kind));
+}
+
+std::string read_file(const std::string& path) { return read_bounded(path, kMaxDatasetFileBytes, "file"); }
 
 void fsync_dir(const std::string& dir) {
   int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);

@@ -14,6 +14,7 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/json_input.h"
 
 namespace llava::io {
 
@@ -126,24 +127,18 @@ uint64_t as_u64(const json& v, const std::string& where, const std::string& what
   return v.get<uint64_t>();
 }
 
-// Parses the JSON header, refusing duplicate top-level keys (nlohmann would silently keep the last).
+// Parses the JSON header (bounded like every JSON input), refusing duplicate top-level keys (nlohmann
+// would silently keep the last).
 json parse_header(const std::string& text, const std::string& path) {
   std::set<std::string> seen;
-  std::string duplicate;
-  auto on_event = [&](int depth, json::parse_event_t event, json& parsed) {
+  JsonParseOptions options;
+  options.on_event = [&](int depth, json::parse_event_t event, json& parsed) {
     if (event == json::parse_event_t::key && depth == 1) {
       auto key = parsed.get<std::string>();
-      if (!seen.insert(key).second && duplicate.empty()) duplicate = key;
+      if (!seen.insert(key).second) fail(path, "duplicate tensor name '" + key + "' in header");
     }
-    return true;
   };
-  json header;
-  try {
-    header = json::parse(text, on_event);
-  } catch (const json::exception& e) {
-    fail(path, std::string("header is not valid JSON: ") + e.what());
-  }
-  if (!duplicate.empty()) fail(path, "duplicate tensor name '" + duplicate + "' in header");
+  json header = parse_json(text, path + ": header", options);
   if (!header.is_object()) fail(path, "header must be a JSON object");
   return header;
 }
@@ -343,12 +338,7 @@ ShardedSafetensors ShardedSafetensors::open(const std::string& path) {
   }
 
   const std::string where = index_path.string();
-  json index;
-  try {
-    index = json::parse(read_file(where));
-  } catch (const json::exception& e) {
-    fail(where, std::string("not valid JSON: ") + e.what());
-  }
+  const json index = read_json_file(where);
   if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
     fail(where, "expected an object with a 'weight_map' object");
   std::map<std::string, size_t> shard_ids;

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <regex>
 
+#include "io/file_util.h"
 #include "io/safetensors.h"
 
 namespace llava::io {
@@ -15,32 +16,6 @@ namespace llava::io {
 namespace {
 
 // ------------------------------------------------------------------------------------ bounded reading
-
-// The file's bytes: a regular file (not a FIFO or /dev/zero) of at most kMaxYamlBytes.
-std::string read_bounded(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) fail(path, "cannot open config file");
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    fail(path, "not a regular file (expected a YAML config file)");
-  }
-  if (static_cast<uint64_t>(st.st_size) > kMaxYamlBytes) {
-    ::close(fd);
-    fail(path, "config file of " + std::to_string(st.st_size) + " bytes; expected at most " +
-                   std::to_string(kMaxYamlBytes) + " (a config is a few KiB)");
-  }
-  std::string text(static_cast<size_t>(st.st_size), '\0');
-  size_t got = 0;
-  while (got < text.size()) {
-    const ssize_t n = ::read(fd, text.data() + got, text.size() - got);
-    if (n <= 0) break;
-    got += static_cast<size_t>(n);
-  }
-  ::close(fd);
-  text.resize(got);
-  return text;
-}
 
 // Nesting depth of YAML text, measured without parsing: block nesting by indentation (and "- " items on
 // one line), flow nesting by brackets outside quotes and comments. Also refuses a second document.
@@ -232,7 +207,7 @@ YAML::Node parse_yaml_text(const std::string& text, const std::string& where) {
   return documents[0];
 }
 
-YAML::Node load_yaml_config(const std::string& path) { return parse_yaml_text(read_bounded(path), path); }
+YAML::Node load_yaml_config(const std::string& path) { return parse_yaml_text(read_input_file(path, InputKind::kYamlConfig), path); }
 
 std::string describe_value(const YAML::Node& node) {
   if (node.IsSequence()) return "a list";

@@ -1,7 +1,8 @@
 // YAML config files, read one way for every config of the project (the training config, the data config
 // of `llava preprocess`), and the declared schema their keys are read through.
 //
-// Loading is bounded before yaml-cpp sees a byte: a regular file of at most kMaxYamlBytes, nesting at
+// Loading is bounded before yaml-cpp sees a byte: a regular file of at most kMaxYamlConfigFileBytes (read
+// through io::read_input_file, as every input file is), nesting at
 // most kMaxYamlDepth levels deep (deep nesting overflows a recursive parser's stack), one document, no
 // key given twice (yaml-cpp would keep both and a lookup would silently take one).
 //
@@ -23,7 +24,6 @@
 
 namespace llava::io {
 
-constexpr size_t kMaxYamlBytes = 4u << 20;  // configs are a few KiB
 constexpr int kMaxYamlDepth = 32;           // configs are at most 3 levels deep
 
 // The one document of a YAML config file (Null when empty). Errors name the file (and the line).

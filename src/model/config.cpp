@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/error.h"
-#include "io/file_util.h"
+#include "io/json_input.h"
 
 namespace llava::model {
 namespace {
@@ -43,13 +43,7 @@ std::optional<int64_t> get_optional_int(const json& j, const std::string& key, s
   return get<int64_t>(j, key, 0, where);
 }
 
-json read_json(const std::string& path) {
-  try {
-    return json::parse(io::read_file(path));
-  } catch (const json::exception& e) {
-    fail(path, std::string("not valid JSON: ") + e.what());
-  }
-}
+json read_json(const std::string& path) { return io::read_json_file(path); }
 
 // A size from the file: positive (sizes divide other sizes) and below `max`, far above any real LLaVA
 // (34B: hidden 7168, 60 layers, vocab 64000), so that a hostile config cannot make us allocate terabytes.
@@ -118,7 +112,7 @@ TextConfig parse_text(const json& j, const std::string& where, bool allow_llava_
   t.num_key_value_heads = get_size(j, "num_key_value_heads", t.num_attention_heads, t.num_attention_heads, where);
   t.head_dim = get_size(j, "head_dim", t.hidden_size / t.num_attention_heads, 1 << 12, where);
   t.hidden_act = get(j, "hidden_act", t.hidden_act, where);
-  t.max_position_embeddings = get(j, "max_position_embeddings", t.max_position_embeddings, where);
+  t.max_position_embeddings = get_size(j, "max_position_embeddings", t.max_position_embeddings, 1 << 24, where);
   t.rms_norm_eps = get(j, "rms_norm_eps", t.rms_norm_eps, where);
   t.attention_bias = get(j, "attention_bias", t.attention_bias, where);
   t.mlp_bias = get(j, "mlp_bias", t.mlp_bias, where);
@@ -128,7 +122,10 @@ TextConfig parse_text(const json& j, const std::string& where, bool allow_llava_
   if (j.contains("eos_token_id")) {
     const json& eos = j["eos_token_id"];
     if (eos.is_null()) t.eos_token_ids.clear();
-    else if (eos.is_array()) t.eos_token_ids = get<std::vector<int64_t>>(j, "eos_token_id", {}, where);
+    else if (eos.is_array()) {
+      t.eos_token_ids.clear();
+      for (const json& id : eos) t.eos_token_ids.push_back(io::json_integer(id, where + ": eos_token_id"));
+    }
     else t.eos_token_ids = {get<int64_t>(j, "eos_token_id", 2, where)};
   }
   if (get<int64_t>(j, "pretraining_tp", 1, where) != 1) fail(where, "pretraining_tp != 1 is not supported");
@@ -154,7 +151,8 @@ VisionConfig llava_default_vision() {
 std::vector<int64_t> parse_feature_layers(const json& j, const std::string& key, const std::string& where) {
   if (!j.contains(key) || j[key].is_null()) return {-2};
   if (j[key].is_array()) {
-    auto layers = get<std::vector<int64_t>>(j, key, {}, where);
+    std::vector<int64_t> layers;  // checked one by one: a float element would be cast unchecked
+    for (const json& layer : j[key]) layers.push_back(io::json_integer(layer, where + ": " + key, -(1 << 10), 1 << 10));
     if (layers.empty()) fail(where, "'" + key + "' is an empty list");
     return layers;
   }

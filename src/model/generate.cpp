@@ -16,6 +16,13 @@ torch::Tensor top_p_filter(const torch::Tensor& logits, double top_p) {
   return logits.masked_fill(remove, -std::numeric_limits<float>::infinity());
 }
 
+int64_t new_tokens_within_context(int64_t prompt_tokens, int64_t requested, int64_t context, const std::string& where) {
+  if (prompt_tokens >= context)
+    fail(where, "the prompt is " + std::to_string(prompt_tokens) + " tokens, but the model's context (max_position_embeddings) is " +
+                    std::to_string(context) + " tokens, which must hold the prompt and at least one new token");
+  return std::min(requested, context - prompt_tokens);
+}
+
 namespace {
 
 torch::Tensor next_tokens(const torch::Tensor& last_logits, const GenerationOptions& o, at::Generator& generator) {
@@ -38,6 +45,8 @@ torch::Tensor generate(LlavaForConditionalGeneration& model, const torch::Tensor
                        const GenerationOptions& options, const std::function<void(const torch::Tensor&)>& on_step) {
   if (input_ids.dim() != 2 || input_ids.size(1) == 0) fail("input_ids", "expected a non-empty [B,T] prompt");
   if (options.top_p <= 0.0 || options.top_p > 1.0) fail("top_p", "must be in (0, 1]");
+  const int64_t max_new_tokens = new_tokens_within_context(input_ids.size(1), options.max_new_tokens,
+                                                           model->config.text.max_position_embeddings, "input_ids");
   torch::NoGradGuard no_grad;
   const int64_t batch = input_ids.size(0);
   auto mask = attention_mask.defined() ? attention_mask.to(torch::kInt64) : torch::ones_like(input_ids);
@@ -49,13 +58,13 @@ torch::Tensor generate(LlavaForConditionalGeneration& model, const torch::Tensor
   auto finished = torch::zeros({batch}, torch::kBool);
   auto last_position = positions_from_mask(mask).select(1, mask.size(1) - 1);  // [B]
   std::vector<torch::Tensor> produced;
-  for (int64_t step = 0; step < options.max_new_tokens; ++step) {
+  for (int64_t step = 0; step < max_new_tokens; ++step) {
     auto tokens = next_tokens(logits.select(1, logits.size(1) - 1), options, generator);  // [B]
     tokens = torch::where(finished, torch::full_like(tokens, options.pad_token_id), tokens);
     produced.push_back(tokens);
     if (on_step) on_step(tokens);
     finished = finished | torch::isin(tokens, eos);
-    if (finished.all().item<bool>() || step + 1 == options.max_new_tokens) break;
+    if (finished.all().item<bool>() || step + 1 == max_new_tokens) break;
 
     mask = torch::cat({mask, torch::ones({batch, 1}, torch::kInt64)}, 1);
     last_position = last_position + 1;

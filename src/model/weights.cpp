@@ -10,6 +10,7 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/json_input.h"
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
 
@@ -70,12 +71,7 @@ TensorSource open_bin(const std::vector<std::string>& paths, const std::string& 
 
 // pytorch_model.bin.index.json -> its shard files, in order.
 std::vector<std::string> bin_shards(const fs::path& index) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(io::read_file(index.string()));
-  } catch (const nlohmann::json::exception& e) {
-    fail(index.string(), std::string("not valid JSON: ") + e.what());
-  }
+  const nlohmann::json j = io::read_json_file(index.string());
   if (!j.contains("weight_map") || !j["weight_map"].is_object()) fail(index.string(), "no weight_map object");
   std::set<std::string> files;
   for (const auto& item : j["weight_map"].items()) {

@@ -11,6 +11,7 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/json_input.h"
 #include "io/yaml_config.h"
 #include "model/config.h"
 #include "train/schedule.h"
@@ -145,13 +146,9 @@ void check_relations(const TrainConfig& c, const std::string& where) {
 
 // A DeepSpeed JSON: its zero_optimization.stage and reduce_bucket_size.
 void read_deepspeed(TrainConfig& c) {
-  nlohmann::json ds;
-  try {
-    ds = nlohmann::json::parse(io::read_file(c.deepspeed));
-  } catch (const nlohmann::json::exception& e) {
-    fail(c.deepspeed, std::string("not valid JSON: ") + e.what());
-  }
-  if (!ds.is_object()) fail(c.deepspeed, "expected a JSON object (a DeepSpeed config)");
+  const nlohmann::json ds = io::read_json_file(c.deepspeed);
+  if (!ds.is_object() || (ds.contains("zero_optimization") && !ds["zero_optimization"].is_object()))
+    fail(c.deepspeed, "expected a DeepSpeed config object (with a 'zero_optimization' object, if any)");
   auto stage = ds.value("/zero_optimization/stage"_json_pointer, nlohmann::json(0));
   if (!stage.is_number_integer() || stage.get<int64_t>() < 0 || stage.get<int64_t>() > 2)
     fail(c.deepspeed, "zero_optimization.stage: expected 0, 1 or 2 (ZeRO-3 is not supported), got " + stage.dump());

@@ -8,6 +8,7 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/json_input.h"
 #include "io/safetensors.h"
 
 namespace llava::train {
@@ -21,6 +22,13 @@ const char* kMasterFile = "llava_master_weights.safetensors";
 std::string in_dir(const std::string& dir, const char* file) { return (fs::path(dir) / file).string(); }
 
 std::string shape_text(const std::vector<int64_t>& shape) { return nlohmann::json(shape).dump(); }
+
+std::vector<int64_t> shape_from_json(const nlohmann::json& j, const std::string& where) {
+  if (!j.is_array()) fail(where, "expected a shape (a list of sizes), got " + std::string(j.type_name()));
+  std::vector<int64_t> shape;
+  for (auto& d : j) shape.push_back(io::json_integer(d, where + ": shape", 0));
+  return shape;
+}
 }  // namespace
 
 void write_run_signature(const std::string& dir, const RunSignature& s) {
@@ -35,19 +43,19 @@ void write_run_signature(const std::string& dir, const RunSignature& s) {
 std::optional<RunSignature> read_run_signature(const std::string& dir) {
   const std::string path = in_dir(dir, kSignatureFile);
   if (!fs::exists(path)) return std::nullopt;
+  const auto j = io::read_json_file(path);
   try {
-    auto j = nlohmann::json::parse(io::read_file(path));
     RunSignature s;
-    for (auto& t : j.at("trainables")) s.trainables.push_back({t.at("name"), t.at("shape")});
+    for (auto& t : j.at("trainables")) s.trainables.push_back({t.at("name"), shape_from_json(t.at("shape"), path + ": trainables")});
     s.lora = j.at("lora");
     s.dtype = j.at("dtype");
-    s.samples_per_step = j.at("samples_per_step");
-    s.world_size = j.at("world_size");
-    s.zero_stage = j.at("zero_stage");
+    s.samples_per_step = io::json_integer(j.at("samples_per_step"), path + ": samples_per_step", 1);
+    s.world_size = io::json_integer(j.at("world_size"), path + ": world_size", 1, 1 << 20);
+    s.zero_stage = io::json_integer(j.at("zero_stage"), path + ": zero_stage", 0, 3);
     s.sampler = j.at("sampler");
     return s;
   } catch (const nlohmann::json::exception& e) {
-    fail(path, std::string("not a valid resume state: ") + e.what());
+    fail(path, "not a valid resume state: " + io::json_error_text(e));
   }
 }
 
@@ -90,13 +98,7 @@ std::vector<std::string> check_resume_compatible(const RunSignature& saved, cons
 void check_same_model(const std::string& checkpoint_dir, const std::string& model_dir) {
   const fs::path saved_path = fs::path(checkpoint_dir) / "config.json", base_path = fs::path(model_dir) / "config.json";
   if (!fs::exists(saved_path) || !fs::exists(base_path)) return;
-  auto parse = [](const fs::path& p) {
-    try {
-      return nlohmann::json::parse(io::read_file(p.string()));
-    } catch (const nlohmann::json::exception& e) {
-      fail(p.string(), std::string("not valid JSON: ") + e.what());
-    }
-  };
+  auto parse = [](const fs::path& p) { return io::read_json_file(p.string()); };
   static const std::set<std::string> volatile_keys = {"transformers_version", "_name_or_path", "torch_dtype", "dtype",
                                                       "use_cache", "architectures"};
   std::function<void(const nlohmann::json&, const nlohmann::json&, const std::string&)> compare =
@@ -175,9 +177,14 @@ std::vector<RangeState> read_zero_shards(const std::string& dir) {
     auto file = io::SafetensorsFile::open(path);
     auto meta = file.metadata().find("ranges");
     if (meta == file.metadata().end()) fail(path, "no 'ranges' metadata: not a ZeRO shard file");
+    const auto ranges = io::parse_json(meta->second, path + ": 'ranges' metadata");
+    if (!ranges.is_array()) fail(path, "'ranges' metadata: expected a list of ranges");
     try {
-      for (auto& r : nlohmann::json::parse(meta->second)) {
-        RangeState s{r.at("name"), r.at("param_offset"), r.at("length"), r.at("step"), {}, {}, {}};
+      for (auto& r : ranges) {
+        const std::string where = path + ": 'ranges' metadata";
+        RangeState s{r.at("name"), io::json_integer(r.at("param_offset"), where + ": param_offset", 0),
+                     io::json_integer(r.at("length"), where + ": length", 0),
+                     io::json_integer(r.at("step"), where + ": step", 0), {}, {}, {}};
         const std::string key = s.name + "/" + std::to_string(s.param_offset);
         auto get = [&](const std::string& kind) {
           auto t = file.get(kind + "/" + key).to(torch::kFloat32).reshape({-1});
@@ -191,7 +198,7 @@ std::vector<RangeState> read_zero_shards(const std::string& dir) {
         out.push_back(std::move(s));
       }
     } catch (const nlohmann::json::exception& e) {
-      fail(path, std::string("bad 'ranges' metadata: ") + e.what());
+      fail(path, "bad 'ranges' metadata: " + io::json_error_text(e));
     }
   }
   return out;

@@ -254,7 +254,7 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
     }
     const fs::path base_config = fs::path(cfg.model_name_or_path) / "config.json";
     if (fs::exists(base_config) && !fs::exists(fs::path(dir) / "config.json"))  // atomic and fsynced like the rest
-      io::write_file_atomic(dir + "/config.json", io::read_file(base_config.string()));
+      io::write_file_atomic(dir + "/config.json", io::read_input_file(base_config.string(), io::InputKind::kConfig));
     if (whole) {
       io::save_pt(dir + "/optimizer.pt", adamw_state_dict(*whole));
       io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(*whole, state.global_step));

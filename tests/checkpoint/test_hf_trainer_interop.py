@@ -363,7 +363,7 @@ def snapshot(directory):
 
 @pytest.mark.parametrize("source, corrupt, needles", [
     ("r4", truncate("optimizer.pt"), ["checkpoint-2/optimizer.pt", "not a readable torch.save archive"]),
-    ("r4", garble_safetensors_header, ["checkpoint-2/adapter_model.safetensors", "header is not valid JSON"]),
+    ("r4", garble_safetensors_header, ["checkpoint-2/adapter_model.safetensors", "header: not valid JSON"]),
     ("r4", remove("trainer_state.json"), ["checkpoint-2", "no trainer_state.json"]),
     ("r4", remove("optimizer.pt"), ["checkpoint-2/optimizer.pt", "no such file"]),
     ("other", None, ["checkpoint-2/config.json", "another model"]),

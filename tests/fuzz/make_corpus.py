@@ -64,6 +64,15 @@ def regressions():
     }
 
 
+# JSON nested 100k levels deep: a stack overflow in any recursive walk (copy, dump, compare) before
+# io::parse_json capped nesting at 64 levels.
+DEEP = 100_000
+
+
+def deep_json(open_="[", close="]", inner="1"):
+    return open_ * DEEP + inner + close * DEEP
+
+
 def safetensors_seeds():
     d = target("safetensors")
     put(d, "f32_i64", st_save({"w": torch.arange(6, dtype=torch.float32).view(2, 3), "n": torch.tensor([7, 8])}))
@@ -74,6 +83,9 @@ def safetensors_seeds():
     put(d, "empty", st_save({}))
     header = b'{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
     put(d, "hand_written", struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    deep = ('{"__metadata__":{"format":' + deep_json() + '},"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}').encode()
+    deep += b" " * ((8 - len(deep) % 8) % 8)
+    put(d, "regress-deep-metadata", struct.pack("<Q", len(deep)) + deep + b"\0" * 8)
 
 
 def sharded_index_seeds():
@@ -82,6 +94,7 @@ def sharded_index_seeds():
     put(d, "full", json.dumps({"metadata": {"total_size": 62}, "weight_map": {"a": shard1, "b": shard1, "c": shard2}}))
     put(d, "one", json.dumps({"weight_map": {"c": shard2}}))
     put(d, "indented", json.dumps({"metadata": {}, "weight_map": {"a": shard1, "b": shard1}}, indent=2))
+    put(d, "regress-deep-metadata", '{"metadata": ' + deep_json('{"a":', "}") + ', "weight_map": {"c": "' + shard2 + '"}}')
 
 
 def torch_seeds():
@@ -117,6 +130,8 @@ def model_config_seeds():
     put(d, "hf_sparse.json", json.dumps({"model_type": "llava", "text_config": {"model_type": "llama", "hidden_size": 64},
                                          "vision_config": {"patch_size": 14, "image_size": 336}}))
     put(d, "original_llava.json", json.dumps(tiny_llava.original_config_dict(config, "clip"), indent=2))
+    put(d, "regress-deep-text-config", '{"model_type": "llava", "text_config": {"model_type": "llama", "rope_scaling": ' +
+        deep_json() + "}}")
 
 
 def train_config_seeds():
@@ -146,6 +161,8 @@ def data_record_seeds():
             {"id": "2", "image": None, "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": ""}]}]
     put(d, "list.json", json.dumps(recs, indent=1))
     put(d, "lines.jsonl", "\n".join(json.dumps(r) for r in recs) + "\n\n")
+    put(d, "regress-deep-record.json", json.dumps(recs[:1])[:-1] + ", " + deep_json('{"id":', "}") + "]")
+    put(d, "regress-deep-line.jsonl", json.dumps(recs[1]) + "\n" + deep_json() + "\n")
 
 
 if __name__ == "__main__":
