@@ -9,6 +9,7 @@
 
 #include "cli/command.h"
 #include "data/config.h"
+#include "data/masked_samples.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"
@@ -60,15 +61,20 @@ int run_preprocess(int argc, char** argv) {
   }
   const auto cfg = llava::data::load_data_config(args["config"].as<std::string>());
   const auto dataset = llava::data::make_dataset(cfg, image_tokens_from_model(cfg.model_name_or_path));
+  // Before anything is written: a data set mostly masked by LLaVA's tokenization-mismatch rule is an error.
+  llava::data::MaskedSampleReport masked(dataset);
+  for (auto& line : masked.scan()) std::cout << line << "\n";
   llava::data::DistributedSampler sampler(llava::data::sampler_config_for(cfg), dataset.modality_lengths(),
                                           args["rank"].as<int>(), args["world"].as<int>());
   llava::data::DataLoader loader(dataset, sampler, {args["epoch"].as<int64_t>(), args["position"].as<int64_t>()},
                                  cfg.dataloader_num_workers);
   llava::io::NamedTensors out;
-  int64_t n = 0;
+  int64_t n = 0, drawn = 0;
   for (; n < args["limit"].as<int64_t>(); ++n) {
     auto batch = loader.next();
     if (!batch) break;
+    for (auto& line : masked.note(*batch)) std::cout << line << "\n";
+    drawn += batch->input_ids.size(0);
     const std::string p = "batch" + std::to_string(n) + ".";
     out.push_back({p + "input_ids", batch->input_ids});
     out.push_back({p + "labels", batch->labels});
@@ -80,6 +86,7 @@ int run_preprocess(int argc, char** argv) {
                               {{"format", "pt"}, {"batches", std::to_string(n)},
                                {"skipped_images", std::to_string(loader.skipped_images())}});
   std::cout << "wrote " << n << " batches to " << args["out"].as<std::string>() << "\n";
+  if (auto summary = masked.summary(masked.masked_drawn(), drawn); !summary.empty()) std::cout << summary << "\n";
   return 0;
 }
 
