@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from llava_oracle import assert_clear_error, binary, run
-from test_hf_trainer_interop import (BATCH, LLM_LINEARS, LORA, RECIPE, canonical, collate, our_rows, rel,
-                                     trainable_names, training_args)
+from test_hf_trainer_interop import (BATCH, LLM_LINEARS, LORA, RECIPE, collate, load_non_lora_trainables, our_rows,
+                                     rel, trainable_names, training_args)
 from train_fixtures import make_train_world
 
 SAMPLES = 10  # 5 micro-batches per epoch
@@ -152,10 +152,8 @@ def test_resume_from_an_hf_trainer_peft_checkpoint_in_peft_naming(world, hf_run)
 
 def peft_logits(world, adapter_dir, projector, batch):
     model = PeftModel.from_pretrained(copy.deepcopy(world["model"]), str(adapter_dir)).eval()
-    if projector:
-        state = torch.load(projector, weights_only=True)
-        result = model.load_state_dict(state, strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys
+    if projector:  # as LLaVA's builder.py loads non_lora_trainables.bin (either naming)
+        load_non_lora_trainables(model, projector)
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      pixel_values=batch["pixel_values"]).logits.float()
@@ -212,3 +210,19 @@ def test_an_adapter_key_for_no_module_is_one_error_naming_key_and_file(world, ad
     proc, _ = train(world, "init_bad", {"max_steps": 1}, extra=["--init-lora-from", src], check=False)
     assert_clear_error(proc, file, bad_key)
     assert not (world["root"] / "init_bad").exists()
+
+
+def test_our_checkpoints_over_this_base_use_its_classic_naming_and_resume(world, adapter, batch):
+    """What we write over this base keeps the base file's naming (PEFT reads it, see above), and we resume
+    from it: checkpoint-1 -> step 2 equals the uninterrupted run's step 2."""
+    s = {"max_steps": 2, "save_steps": 1}
+    _, whole = train(world, "ours_classic", s, extra=["--init-lora-from", adapter])
+    ckpt = world["root"] / "ours_classic" / "checkpoint-2"
+    keys = sorted(load_file(str(ckpt / "adapter_model.safetensors")))
+    assert keys and all(k.startswith("base_model.model.language_model.model.layers.") for k in keys), keys[:3]
+    want = peft_logits(world, ckpt, ckpt / "non_lora_trainables.bin", batch)
+    got = our_logits(world, ckpt, ckpt / "non_lora_trainables.bin", batch, "ours_classic")
+    assert (got - want).abs().max().item() <= 1e-4
+    _, resumed = train(world, "ours_classic_resumed", {**s, "resume_from_checkpoint": str(world["root"] / "ours_classic" / "checkpoint-1")})
+    assert [m["step"] for m in resumed["steps"]] == [2]
+    assert resumed["steps"][0] == whole["steps"][1]
