@@ -2,6 +2,8 @@
 // trainer sees them. Entries per batch i: batch<i>.input_ids [B,T], batch<i>.labels [B,T],
 // batch<i>.attention_mask [B,T], batch<i>.pixel_values [I,3,H,W] (one per sample with an image),
 // batch<i>.indices [B] (dataset indices, in the order of all data files concatenated).
+// Samples LLaVA's tokenization-mismatch rule masks whole are named on stdout ("warning: ..."), counted in
+// a last line, and a data set mostly made of them is an error before OUT is written (data/masked_samples.h).
 #include <cxxopts.hpp>
 #include <filesystem>
 #include <iostream>
