@@ -1,6 +1,7 @@
 #include "checkpoint/peft_adapter.h"
 
 #include <filesystem>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "io/error.h"
@@ -16,23 +17,49 @@ namespace {
 
 const std::string kPrefix = "base_model.model.";
 
+struct AdapterTensors {
+  std::string file;
+  std::map<std::string, torch::Tensor> by_name;
+};
+
 // name -> tensor from adapter_model.safetensors, else adapter_model.bin.
-std::map<std::string, torch::Tensor> read_adapter_tensors(const fs::path& dir) {
-  std::map<std::string, torch::Tensor> tensors;
+AdapterTensors read_adapter_tensors(const fs::path& dir) {
+  AdapterTensors out;
   if (fs::exists(dir / "adapter_model.safetensors")) {
-    auto file = io::SafetensorsFile::open((dir / "adapter_model.safetensors").string());
-    for (auto& t : file.tensors()) tensors[t.name] = file.get(t.name);
-    return tensors;
+    out.file = (dir / "adapter_model.safetensors").string();
+    auto file = io::SafetensorsFile::open(out.file);
+    for (auto& t : file.tensors()) out.by_name[t.name] = file.get(t.name);
+    return out;
   }
-  const auto bin = dir / "adapter_model.bin";
-  if (!fs::exists(bin)) fail(dir.string(), "no adapter_model.safetensors or adapter_model.bin");
-  auto value = io::load_pt(bin.string());
-  if (!value.isGenericDict()) fail(bin.string(), "expected a dict of tensors");
+  out.file = (dir / "adapter_model.bin").string();
+  if (!fs::exists(out.file)) fail(dir.string(), "no adapter_model.safetensors or adapter_model.bin");
+  auto value = io::load_pt(out.file);
+  if (!value.isGenericDict()) fail(out.file, "expected a dict of tensors");
   for (auto& e : value.toGenericDict()) {
-    if (!e.key().isString() || !e.value().isTensor()) fail(bin.string(), "expected a dict of name -> tensor");
-    tensors[e.key().toStringRef()] = e.value().toTensor();
+    if (!e.key().isString() || !e.value().isTensor()) fail(out.file, "expected a dict of name -> tensor");
+    out.by_name[e.key().toStringRef()] = e.value().toTensor();
   }
-  return tensors;
+  return out;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// A LoRA tensor key split into its module path and which matrix it is; nullopt for any other key.
+struct LoraKey {
+  std::string path;
+  bool is_a = false;
+};
+std::optional<LoraKey> parse_lora_key(const std::string& key) {
+  if (key.rfind(kPrefix, 0) != 0) return std::nullopt;
+  for (const char* matrix : {"A", "B"})
+    for (const char* adapter_name : {"", ".default"}) {  // a raw state_dict() keeps PEFT's adapter name
+      const std::string suffix = std::string(".lora_") + matrix + adapter_name + ".weight";
+      if (ends_with(key, suffix) && key.size() > kPrefix.size() + suffix.size())
+        return LoraKey{key.substr(kPrefix.size(), key.size() - kPrefix.size() - suffix.size()), matrix[0] == 'A'};
+    }
+  return std::nullopt;
 }
 
 bool is_set(const nlohmann::json& config, const char* key) {
@@ -43,7 +70,7 @@ bool is_set(const nlohmann::json& config, const char* key) {
 
 }  // namespace
 
-PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name) {
+PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name, const AdapterModuleNames& module_names) {
   const fs::path dir(dir_name);
   const std::string config_path = (dir / "adapter_config.json").string();
   if (!fs::exists(config_path)) fail(dir_name, "no adapter_config.json (not a PEFT adapter directory)");
@@ -61,21 +88,35 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name) {
   }
   if (adapter.r < 1) fail(config_path, "'r' must be >= 1");
 
-  for (auto& [name, tensor] : read_adapter_tensors(dir)) {
-    const bool is_a = name.size() > 14 && name.compare(name.size() - 14, 14, ".lora_A.weight") == 0;
-    const bool is_b = name.size() > 14 && name.compare(name.size() - 14, 14, ".lora_B.weight") == 0;
-    if (name.rfind(kPrefix, 0) != 0 || !(is_a || is_b))
-      fail(dir_name, "unexpected adapter tensor '" + name + "' (expected base_model.model.<module>.lora_{A,B}.weight)");
-    const std::string path = name.substr(kPrefix.size(), name.size() - kPrefix.size() - 14);
-    auto& weights = adapter.modules[path];
-    (is_a ? weights.A : weights.B) = tensor;
+  const auto tensors = read_adapter_tensors(dir);
+  adapter.tensor_file = tensors.file;
+  std::map<std::string, std::string> b_keys;  // module -> its lora_B key, for the duplicate check
+  for (auto& [key, tensor] : tensors.by_name) {
+    const auto lora_key = parse_lora_key(key);
+    if (!lora_key)
+      fail(tensors.file, "unexpected adapter tensor '" + key +
+                             "' (expected base_model.model.<module>.lora_{A,B}[.default].weight)");
+    const auto module = module_names.find(lora_key->path);
+    if (module == module_names.end())
+      fail(tensors.file, "adapter tensor '" + key + "': '" + lora_key->path +
+                             "' is no Linear of this model (looked it up as llava-hf classic, "
+                             "transformers >= 4.52 and original-LLaVA names)");
+    auto& weights = adapter.modules[module->second];
+    std::string& seen_key = lora_key->is_a ? weights.key : b_keys[module->second];
+    if (!seen_key.empty())  // e.g. one file holding two namings of the same module
+      fail(tensors.file, "adapter tensors '" + seen_key + "' and '" + key + "' are both lora_" +
+                             (lora_key->is_a ? "A" : "B") + " of module '" + module->second + "'");
+    seen_key = key;
+    (lora_key->is_a ? weights.A : weights.B) = tensor;
   }
-  if (adapter.modules.empty()) fail(dir_name, "the adapter holds no LoRA weights");
+  if (adapter.modules.empty()) fail(tensors.file, "the adapter holds no LoRA weights");
   for (auto& [path, w] : adapter.modules) {
-    if (!w.A.defined() || !w.B.defined()) fail(dir_name, "module '" + path + "' has only one of lora_A / lora_B");
+    const std::string key = w.key.empty() ? b_keys[path] : w.key;
+    if (!w.A.defined() || !w.B.defined())
+      fail(tensors.file, "adapter tensor '" + key + "' has no lora_" + (w.A.defined() ? "B" : "A") + " partner");
     if (w.A.dim() != 2 || w.B.dim() != 2 || w.A.size(0) != adapter.r || w.B.size(1) != adapter.r)
-      fail(dir_name, "module '" + path + "': lora_A " + c10::str(w.A.sizes()) + " / lora_B " + c10::str(w.B.sizes()) +
-                         " do not fit r = " + std::to_string(adapter.r));
+      fail(tensors.file, "'" + key + "': lora_A " + c10::str(w.A.sizes()) + " / lora_B " + c10::str(w.B.sizes()) +
+                             " do not fit r = " + std::to_string(adapter.r) + " of adapter_config.json");
   }
   return adapter;
 }

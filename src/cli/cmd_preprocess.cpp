@@ -2,6 +2,8 @@
 // trainer sees them. Entries per batch i: batch<i>.input_ids [B,T], batch<i>.labels [B,T],
 // batch<i>.attention_mask [B,T], batch<i>.pixel_values [I,3,H,W] (one per sample with an image),
 // batch<i>.indices [B] (dataset indices, in the order of all data files concatenated).
+// Samples LLaVA's tokenization-mismatch rule masks whole are named on stdout ("warning: ..."), counted in
+// a last line, and a data set mostly made of them is an error before OUT is written (data/masked_samples.h).
 #include <cxxopts.hpp>
 #include <filesystem>
 #include <iostream>
@@ -10,6 +12,7 @@
 #include "cli/command.h"
 #include "io/command_line.h"
 #include "data/config.h"
+#include "data/masked_samples.h"
 #include "io/error.h"
 #include "io/json_input.h"
 #include "io/safetensors.h"
@@ -74,13 +77,18 @@ int run_preprocess(int argc, char** argv) {
                 "key 'per_device_train_batch_size': " + std::to_string(cfg.per_device_train_batch_size) + " x " +
                     std::to_string(world) + " rank(s) is more than the data set's " + std::to_string(samples) +
                     " samples can fill (twice, or once with dataloader_drop_last)");
+  // Before anything is written: a data set mostly masked by LLaVA's tokenization-mismatch rule is an error.
+  llava::data::MaskedSampleReport masked(dataset);
+  for (auto& line : masked.scan()) std::cout << line << "\n";
   llava::data::DistributedSampler sampler(llava::data::sampler_config_for(cfg), dataset.modality_lengths(), rank, world);
   llava::data::DataLoader loader(dataset, sampler, {epoch, position}, cfg.dataloader_num_workers);
   llava::io::NamedTensors out;
-  int64_t n = 0;
+  int64_t n = 0, drawn = 0;
   for (; n < limit; ++n) {
     auto batch = loader.next();
     if (!batch) break;
+    for (auto& line : masked.note(*batch)) std::cout << line << "\n";
+    drawn += batch->input_ids.size(0);
     const std::string p = "batch" + std::to_string(n) + ".";
     out.push_back({p + "input_ids", batch->input_ids});
     out.push_back({p + "labels", batch->labels});
@@ -92,6 +100,7 @@ int run_preprocess(int argc, char** argv) {
                               {{"format", "pt"}, {"batches", std::to_string(n)},
                                {"skipped_images", std::to_string(loader.skipped_images())}});
   std::cout << "wrote " << n << " batches to " << args["out"].as<std::string>() << "\n";
+  if (auto summary = masked.summary(masked.masked_drawn(), drawn); !summary.empty()) std::cout << summary << "\n";
   return 0;
 }
 

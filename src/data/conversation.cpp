@@ -112,7 +112,10 @@ TokenizedSample vicuna_sample(const std::vector<Turn>& turns, bool has_image, co
     cur += round_len;
   }
   mask(cur, s.labels.size());
-  if (cur < max_len && cur != total_len) mask(0, s.labels.size());  // LLaVA: "tokenization mismatch"
+  if (cur < max_len && cur != total_len) {  // LLaVA: "tokenization mismatch"
+    mask(0, s.labels.size());
+    s.mismatch = TokenizationMismatch{cur, total_len};
+  }
   return s;
 }
 
@@ -149,6 +152,7 @@ void expand_images(TokenizedSample& s, int64_t found_id, const ImageTokens& imag
       out.labels.push_back(s.labels[i]);
     }
   }
+  out.mismatch = s.mismatch;
   s = std::move(out);
 }
 

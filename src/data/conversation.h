@@ -2,6 +2,7 @@
 // llava-hf chat template produce them. Labels are -100 everywhere but the assistant answers.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,8 +30,16 @@ struct ImageTokens {
   int64_t count = 1;
 };
 
+// LLaVA's "tokenization mismatch" (preprocess_v1): the rounds, tokenized one by one, do not add up to the
+// tokenized conversation, so LLaVA masks the whole sample (it trains nothing) and prints a warning.
+struct TokenizationMismatch {
+  int64_t rounds_length = 0;  // tokens the template's rounds account for (LLaVA's cur_len)
+  int64_t total_length = 0;   // tokens of the conversation (LLaVA's total_len)
+};
+
 struct TokenizedSample {
   std::vector<int64_t> input_ids, labels;  // [T], truncated to model_max_length
+  std::optional<TokenizationMismatch> mismatch;  // set when the rule masked every label
 };
 
 // LLaVA's preprocess_multimodal: move every <image> to the start of its turn as "<image>\n" + text.
@@ -41,7 +50,8 @@ std::string render_prompt(Template t, const std::vector<Turn>& turns);
 
 // Tokenizes and masks one conversation. Errors (wrong turn count/roles for the template) say what the
 // template expected; the caller prefixes the record. A sample whose tokenization does not line up with
-// its rounds is fully masked, as LLaVA does ("tokenization mismatch").
+// its rounds is fully masked, as LLaVA does ("tokenization mismatch"), and says so in `mismatch`; the
+// caller reports it (the dataset's scan, the loader's batches).
 TokenizedSample tokenize_conversation(Template t, const std::vector<Turn>& turns, bool has_image,
                                       const Tokenizer& tok, const ImageTokens& image, int64_t model_max_length);
 

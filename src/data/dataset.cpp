@@ -107,10 +107,22 @@ std::optional<Example> LlavaDataset::get(size_t i) const {
                                    settings_.image_tokens, settings_.model_max_length);
     ex.input_ids = std::move(s.input_ids);
     ex.labels = std::move(s.labels);
+    ex.mismatch = s.mismatch;
   } catch (const Error& e) {
     throw Error(r.where + ": " + e.what());
   }
   return ex;
+}
+
+std::optional<TokenizationMismatch> LlavaDataset::check_tokenization(size_t i) const {
+  const Record& r = records_.at(i);
+  try {
+    return tokenize_conversation(settings_.conversation, r.turns, !r.image.empty(), tokenizer_,
+                                 settings_.image_tokens, settings_.model_max_length)
+        .mismatch;
+  } catch (const Error& e) {
+    throw Error(r.where + ": " + e.what());
+  }
 }
 
 }  // namespace llava::data

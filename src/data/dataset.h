@@ -29,6 +29,7 @@ std::vector<Record> load_records(const std::vector<std::string>& paths);
 struct Example {
   std::vector<int64_t> input_ids, labels;  // [T]
   std::optional<torch::Tensor> pixel_values;  // [3,H,W], absent for text-only samples
+  std::optional<TokenizationMismatch> mismatch;  // every label masked by LLaVA's rule (see conversation.h)
 };
 
 struct DatasetSettings {
@@ -53,6 +54,10 @@ class LlavaDataset {
   // Tokenized, masked sample with its image. nullopt when the image cannot be read and
   // skip_missing_images is on; otherwise that is an Error naming the record and the file. Thread-safe.
   std::optional<Example> get(size_t i) const;
+
+  // Record i's conversation tokenized as get() does it, without its image: whether LLaVA's
+  // tokenization-mismatch rule masks it whole. Errors (a conversation the template refuses) name the record.
+  std::optional<TokenizationMismatch> check_tokenization(size_t i) const;
 
  private:
   std::vector<Record> records_;

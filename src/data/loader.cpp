@@ -62,6 +62,7 @@ Batch DataLoader::build(size_t step) const {
       ++skipped_info.skipped;
       continue;
     }
+    if (ex->mismatch) skipped_info.mismatched.push_back({index, *ex->mismatch});
     examples.push_back(std::move(*ex));
     kept.push_back(index);
   }
@@ -69,6 +70,7 @@ Batch DataLoader::build(size_t step) const {
   Batch batch = collate(examples, dataset_.tokenizer().pad_id(), {3, img.crop_height, img.crop_width});
   batch.indices = std::move(kept);
   batch.skipped = skipped_info.skipped;
+  batch.mismatched = std::move(skipped_info.mismatched);
   return batch;
 }
 

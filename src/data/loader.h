@@ -25,6 +25,8 @@ struct Batch {
                                  // (text-only samples contribute none; I may be 0)
   torch::Tensor has_image;       // [B] bool
   std::vector<int64_t> indices;  // dataset indices of the rows
+  // Rows LLaVA's tokenization-mismatch rule masked whole (they train nothing): dataset index, lengths.
+  std::vector<std::pair<int64_t, TokenizationMismatch>> mismatched;
   int64_t skipped = 0;           // samples dropped from this batch for unreadable images
 };
 

@@ -161,6 +161,19 @@ std::string checkpoint_name(const std::string& canonical, const WeightLayout& w)
   return canonical;
 }
 
+std::map<std::string, std::string> names_in_any_layout(const std::vector<std::string>& canonical_names,
+                                                       bool own_tower_dir) {
+  std::map<std::string, std::string> to_canonical;
+  for (auto layout : {KeyLayout::kHfModern, KeyLayout::kHfClassic, KeyLayout::kOriginal})
+    for (bool vision_level : {true, false})
+      for (const char* tower_dir : {"", "clip"}) {
+        if (*tower_dir && !own_tower_dir) continue;
+        WeightLayout w{layout, vision_level, tower_dir};
+        for (auto& name : canonical_names) to_canonical.emplace(checkpoint_name(name, w), name);
+      }
+  return to_canonical;
+}
+
 WeightLayout load_weights(LlavaForConditionalGeneration& model, const std::string& dir,
                           const std::string& vision_tower_dir) {
   TensorSource main = open_weights(dir);

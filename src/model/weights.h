@@ -11,7 +11,9 @@
 // ("[.vision_model]": transformers 5 writes the CLIP keys without that level.) Rotary inv_freq and
 // position_ids buffers are skipped; so is a stored lm_head when the embeddings are tied.
 #pragma once
+#include <map>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -34,6 +36,12 @@ struct WeightLayout {
 // Our canonical (HF >= 4.52) parameter name -> the name in `layout`'s files. For a tower loaded from
 // its own CLIP dir, vision names map to that dir's names (vision_model.*).
 std::string checkpoint_name(const std::string& canonical, const WeightLayout& layout);
+
+// Every name the `canonical` parameters can have in the files of any layout load_weights reads (classic,
+// modern, original; CLIP keys with and without ".vision_model."; with `own_tower_dir`, also the names in
+// a separate CLIP dir) -> the canonical name. Trained parts made by other tools use any of these.
+std::map<std::string, std::string> names_in_any_layout(const std::vector<std::string>& canonical_names,
+                                                       bool own_tower_dir = true);
 
 // Fills every parameter of `model` from `dir` (converting to the parameters' dtype). One Error lists
 // missing keys, unexpected keys and shape mismatches (a few of each, with counts).

@@ -16,60 +16,57 @@ namespace llava::train {
 
 namespace {
 
-// Every name a parameter of ours can have in any layout we load -> our canonical name.
-std::map<std::string, std::string> names_in_any_layout(const std::vector<std::string>& canonical_names) {
-  std::map<std::string, std::string> to_canonical;
-  for (auto layout : {model::KeyLayout::kHfModern, model::KeyLayout::kHfClassic, model::KeyLayout::kOriginal})
-    for (bool vision_level : {true, false})
-      for (const char* tower_dir : {"", "clip"}) {
-        model::WeightLayout w{layout, vision_level, tower_dir};
-        for (auto& name : canonical_names) to_canonical.emplace(model::checkpoint_name(name, w), name);
-      }
-  return to_canonical;
-}
-
 std::string strip_suffix(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0
              ? s.substr(0, s.size() - suffix.size())
              : s;
 }
 
+// Every Linear of the model by our (canonical) module path.
+std::map<std::string, std::shared_ptr<model::LinearImpl>> linear_modules(model::LlavaForConditionalGeneration& model) {
+  std::map<std::string, std::shared_ptr<model::LinearImpl>> linears;
+  for (auto& item : model->named_modules("", false))
+    if (auto linear = std::dynamic_pointer_cast<model::LinearImpl>(item.value())) linears[item.key()] = linear;
+  return linears;
+}
+
 }  // namespace
 
-std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir) {
-  auto adapter = checkpoint::read_peft_lora_adapter(dir);
-  std::map<std::string, std::shared_ptr<torch::nn::Module>> linears;  // canonical path -> module
+checkpoint::AdapterModuleNames adapter_module_names(model::LlavaForConditionalGeneration& model) {
   std::vector<std::string> weight_names;
-  for (auto& item : model->named_modules("", false))
-    if (item.value()->as<model::LinearImpl>()) {
-      linears[item.key()] = item.value();
-      weight_names.push_back(item.key() + ".weight");
-    }
-  const auto to_canonical = names_in_any_layout(weight_names);
+  for (auto& [path, linear] : linear_modules(model)) weight_names.push_back(path + ".weight");
+  checkpoint::AdapterModuleNames names;  // PEFT names modules, not weights: drop ".weight" on both sides
+  for (auto& [name, canonical] : model::names_in_any_layout(weight_names, /*own_tower_dir=*/false))
+    names.emplace(strip_suffix(name, ".weight"), strip_suffix(canonical, ".weight"));
+  return names;
+}
 
+checkpoint::PeftLoraAdapter read_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir) {
+  return checkpoint::read_peft_lora_adapter(dir, adapter_module_names(model));
+}
+
+std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir) {
+  const auto adapter = read_lora_adapter(model, dir);
+  const auto linears = linear_modules(model);
   LoraConfig config;
   config.r = adapter.r;
   config.alpha = adapter.lora_alpha;
   config.use_rslora = adapter.use_rslora;
   std::vector<LoraModule> attached;
   torch::NoGradGuard no_grad;
-  for (auto& [file_path, weights] : adapter.modules) {
-    auto found = to_canonical.find(file_path + ".weight");
-    if (found == to_canonical.end())
-      fail(dir, "adapter module '" + file_path + "' is no Linear of this model");
-    const std::string path = strip_suffix(found->second, ".weight");
-    auto module = linears.at(path);
-    auto* linear = module->as<model::LinearImpl>();
+  for (auto& [path, weights] : adapter.modules) {
+    const auto& linear = linears.at(path);
     if (weights.A.size(1) != linear->in_features() || weights.B.size(0) != linear->out_features())
-      fail(dir, "adapter module '" + file_path + "': lora_A " + c10::str(weights.A.sizes()) + " / lora_B " +
-                    c10::str(weights.B.sizes()) + " do not fit the Linear [" + std::to_string(linear->out_features()) +
-                    ", " + std::to_string(linear->in_features()) + "]");
+      fail(adapter.tensor_file, "'" + weights.key + "': lora_A " + c10::str(weights.A.sizes()) + " / lora_B " +
+                                    c10::str(weights.B.sizes()) + " do not fit the Linear '" + path + "' [" +
+                                    std::to_string(linear->out_features()) + ", " +
+                                    std::to_string(linear->in_features()) + "]");
     auto lora = std::make_shared<LoraAdapter>(linear->in_features(), linear->out_features(), config,
                                               linear->weight.options().requires_grad(false));
     lora->lora_A.copy_(weights.A);
     lora->lora_B.copy_(weights.B);
     linear->adapter = lora;
-    attached.push_back({path, model::Linear(std::dynamic_pointer_cast<model::LinearImpl>(module)), lora});
+    attached.push_back({path, model::Linear(linear), lora});
   }
   return attached;
 }
@@ -114,7 +111,7 @@ void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& mo
   std::vector<std::string> paths;
   for (auto& m : modules) {
     const std::string path = strip_suffix(model::checkpoint_name(m.path + ".weight", layout), ".weight");
-    adapter.modules[path] = {m.adapter->lora_A.detach(), m.adapter->lora_B.detach()};
+    adapter.modules[path] = {m.adapter->lora_A.detach(), m.adapter->lora_B.detach(), ""};
     suffixes.insert(path.substr(path.rfind('.') + 1));
     paths.push_back(path);
   }
@@ -136,7 +133,7 @@ void load_projector_weights(model::LlavaForConditionalGeneration& model, const s
   auto params = model->model->multi_modal_projector->named_parameters();
   std::vector<std::string> canonical;
   for (auto& p : params) canonical.push_back("model.multi_modal_projector." + p.key());
-  const auto to_canonical = names_in_any_layout(canonical);
+  const auto to_canonical = model::names_in_any_layout(canonical);
 
   std::map<std::string, torch::Tensor> found;  // canonical -> tensor
   for (auto& [name, tensor] : file_tensors) {

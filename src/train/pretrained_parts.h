@@ -5,11 +5,21 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/peft_adapter.h"
 #include "model/llava.h"
 #include "model/weights.h"
 #include "train/lora.h"
 
 namespace llava::train {
+
+// Every name a PEFT adapter file may give a Linear of `model` (llava-hf classic, transformers >= 4.52 and
+// original-LLaVA module paths; CLIP with or without ".vision_model.") -> its module path in our model.
+checkpoint::AdapterModuleNames adapter_module_names(model::LlavaForConditionalGeneration& model);
+
+// The PEFT adapter of `dir`, its modules keyed by our module paths, whatever naming PEFT wrote (the one
+// reader for --init-lora-from, resume, eval-logits / infer / merge). Error naming the file and key for a
+// key that maps to no Linear of `model`.
+checkpoint::PeftLoraAdapter read_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir);
 
 // Attaches the adapter's LoRA weights (cast to the model dtype) to the matching Linear modules.
 // Error if a module of the adapter is no Linear of this model, or its shapes do not fit.

@@ -37,6 +37,8 @@ void write_run_signature(const std::string& dir, const RunSignature& s) {
   nlohmann::json j = {{"format", 1},          {"trainables", trainables},   {"lora", s.lora},
                       {"dtype", s.dtype},      {"samples_per_step", s.samples_per_step},
                       {"world_size", s.world_size}, {"zero_stage", s.zero_stage}, {"sampler", s.sampler}};
+  if (s.logging)
+    j["logging"] = {{"last_logged_step", s.logging->last_logged_step}, {"loss_since_log", s.logging->loss_since_log}};
   io::write_file_atomic(in_dir(dir, kSignatureFile), j.dump(1) + "\n");
 }
 
@@ -53,6 +55,12 @@ std::optional<RunSignature> read_run_signature(const std::string& dir) {
     s.world_size = io::json_integer(j.at("world_size"), path + ": world_size", 1, 1 << 20);
     s.zero_stage = io::json_integer(j.at("zero_stage"), path + ": zero_stage", 0, 3);
     s.sampler = j.at("sampler");
+    if (j.contains("logging")) {
+      const auto& l = j.at("logging");
+      if (!l.at("last_logged_step").is_number_integer() || !l.at("loss_since_log").is_number())
+        fail(path, "\"logging\": expected {\"last_logged_step\": integer, \"loss_since_log\": number}");
+      s.logging = RunSignature::LogProgress{l.at("last_logged_step").get<int64_t>(), l.at("loss_since_log").get<double>()};
+    }
     return s;
   } catch (const nlohmann::json::exception& e) {
     fail(path, "not a valid resume state: " + io::json_error_text(e));

@@ -1,6 +1,7 @@
 // Our own exact-resume state, kept in checkpoint-N/ next to HF's files (HF tools ignore them):
 //   llava_resume.json                  what the run was: trainable names and shapes, LoRA settings, dtype,
-//                                      samples per optimizer step, world size, ZeRO stage
+//                                      samples per optimizer step, world size, ZeRO stage; where the data
+//                                      and the log average in progress stand
 //   llava_rng_state.safetensors        every rank's CPU generator state ("rank_<R>", uint8)
 //   llava_master_weights.safetensors   fp32 master weights (bf16 runs only; the model files hold bf16)
 //   zero_shards/rank_<R>_of_<N>.safetensors   under ZeRO 1/2: rank R's optimizer state by parameter range
@@ -28,6 +29,15 @@ struct RunSignature {
   int64_t world_size = 1;
   int64_t zero_stage = 0;
   nlohmann::json sampler;              // {epoch, position} of the next batch
+  // The log line in progress, so a resumed run logs what the uninterrupted run logs: the step of the
+  // last log line (HF Trainer's _globalstep_last_logged) and the sum of the step losses since. Absent in
+  // checkpoints of older versions and of HF Trainer: a resumed run then averages from its first step on,
+  // as HF Trainer does.
+  struct LogProgress {
+    int64_t last_logged_step = 0;
+    double loss_since_log = 0;
+  };
+  std::optional<LogProgress> logging;
 };
 
 void write_run_signature(const std::string& dir, const RunSignature& signature);

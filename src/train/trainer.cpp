@@ -9,12 +9,14 @@
 #include <map>
 #include <optional>
 #include <ostream>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/peft_adapter.h"
 #include "data/config.h"
+#include "data/masked_samples.h"
 #include "distributed/communicator.h"
 #include "io/error.h"
 #include "io/file_util.h"
@@ -130,25 +132,41 @@ std::vector<ParamGroup> param_groups(const std::vector<Trainable>& trainables, c
   return non_empty;
 }
 
-// Test hook: LoRA A/B from a PEFT adapter dir (module paths in the checkpoint's layout), so a Python PEFT
-// loop and this trainer start from the same adapters.
-checkpoint::PeftLoraAdapter load_peft_adapters(const std::vector<LoraModule>& lora, const std::string& dir,
-                                               const model::WeightLayout& layout) {
-  auto adapter = checkpoint::read_peft_lora_adapter(dir);
+// LoRA A/B of the modules this run trains from a PEFT adapter dir (--init-lora-from, so a Python PEFT loop
+// and this trainer start from the same adapters, or a resumed checkpoint, ours or HF Trainer + PEFT's) in
+// any naming PEFT reads. The adapter must hold exactly these modules with the config's r / lora_alpha /
+// use_rslora; `what` starts each error ("cannot resume", "--init-lora-from").
+void load_peft_adapters(model::LlavaForConditionalGeneration& model, const std::vector<LoraModule>& lora,
+                        const std::string& dir, const TrainConfig& cfg, const std::string& what) {
+  const auto adapter = read_lora_adapter(model, dir);
+  const std::string adapter_config = (fs::path(dir) / "adapter_config.json").string();
+  if (adapter.r != cfg.lora_r || adapter.lora_alpha != cfg.lora_alpha || adapter.use_rslora != cfg.use_rslora)
+    fail(adapter_config, what + ": the adapter has r " + std::to_string(adapter.r) + ", lora_alpha " +
+                             format_float(adapter.lora_alpha) + ", use_rslora " + (adapter.use_rslora ? "true" : "false") +
+                             " but the config says lora_r " + std::to_string(cfg.lora_r) + ", lora_alpha " +
+                             format_float(cfg.lora_alpha) + ", use_rslora " + (cfg.use_rslora ? "true" : "false") +
+                             "; nothing was changed");
+  std::set<std::string> targets;
+  for (auto& m : lora) targets.insert(m.path);
+  for (auto& [path, w] : adapter.modules)
+    if (!targets.count(path))
+      fail(adapter.tensor_file, what + ": the adapter has LoRA weights for '" + path + "' ('" + w.key +
+                                    "'), which this config does not train (lora_target_modules differ); nothing was changed");
   torch::NoGradGuard no_grad;
   for (auto& m : lora) {
-    std::string module = model::checkpoint_name(m.path + ".weight", layout);
-    module = module.substr(0, module.size() - std::string(".weight").size());
-    auto it = adapter.modules.find(module);
-    if (it == adapter.modules.end()) fail(dir, "no LoRA weights for '" + module + "' (the LoRA target " + m.path + ")");
+    auto it = adapter.modules.find(m.path);
+    if (it == adapter.modules.end())
+      fail(adapter.tensor_file, what + ": no LoRA weights for '" + m.path + "', which this config trains "
+                                "(lora_target_modules differ); nothing was changed");
     for (auto [value, tensor] : {std::pair{it->second.A, &m.adapter->lora_A}, std::pair{it->second.B, &m.adapter->lora_B}}) {
       if (value.sizes() != tensor->sizes())
-        fail(dir, "LoRA weights of '" + module + "' have shape " + c10::str(value.sizes()) + ", expected " +
-                      c10::str(tensor->sizes()));
+        fail(adapter.tensor_file, what + ": '" + it->second.key + "' and its lora_B have shapes " +
+                                      c10::str(it->second.A.sizes()) + " / " + c10::str(it->second.B.sizes()) +
+                                      ", the model's LoRA for '" + m.path + "' needs " + c10::str(m.adapter->lora_A.sizes()) +
+                                      " / " + c10::str(m.adapter->lora_B.sizes()));
       tensor->copy_(value);
     }
   }
-  return adapter;
 }
 
 // save_on_interrupt: SIGTERM/SIGINT only raise a flag; the loop saves at the end of the current step.
@@ -293,18 +311,7 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
     for (auto& change : check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
   auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
   if (!lora.empty()) {
-    const auto adapter = load_peft_adapters(lora, dir, loaded.layout);
-    const std::string adapter_config = (fs::path(dir) / "adapter_config.json").string();
-    if (adapter.r != cfg.lora_r || adapter.lora_alpha != cfg.lora_alpha || adapter.use_rslora != cfg.use_rslora)
-      fail(adapter_config, "cannot resume: the adapter has r " + std::to_string(adapter.r) + ", lora_alpha " +
-                               format_float(adapter.lora_alpha) + ", use_rslora " + (adapter.use_rslora ? "true" : "false") +
-                               " but the config says lora_r " + std::to_string(cfg.lora_r) + ", lora_alpha " +
-                               format_float(cfg.lora_alpha) + ", use_rslora " + (cfg.use_rslora ? "true" : "false") +
-                               "; nothing was changed");
-    if (adapter.modules.size() != lora.size())
-      fail(adapter_config, "cannot resume: the adapter holds " + std::to_string(adapter.modules.size()) +
-                               " LoRA modules but this config trains " + std::to_string(lora.size()) +
-                               " (lora_target_modules differ); nothing was changed");
+    load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");
     load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
   } else if (cfg.tune_mm_mlp_adapter) {
     load_projector_weights(loaded.model, (fs::path(dir) / "mm_projector.bin").string());
@@ -442,6 +449,10 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   const auto model_config = model::load_config(cfg.model_name_or_path, cfg.vision_tower);
   const auto dataset = data::make_dataset(cfg.data, image_tokens_for(model_config));
   check_against_model_and_data(cfg, model_config, static_cast<int64_t>(dataset.size()), comm.world_size());
+  // Samples LLaVA's tokenization-mismatch rule masks whole train nothing: a data set mostly made of them is
+  // refused here, before anything is written; the others are named (data/masked_samples.h).
+  data::MaskedSampleReport masked_samples(dataset);
+  for (auto& line : masked_samples.scan()) log << line << "\n";
   if (!cfg.ignored_keys.empty()) {
     std::string keys;
     for (const auto& k : cfg.ignored_keys) keys += (keys.empty() ? "" : ", ") + k;
@@ -467,7 +478,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       const std::string key = cfg.lora_target_regex.empty() ? "lora_target_modules" : "lora_target_regex";
       throw Error("config key '" + key + "': " + e.what());
     }
-    if (!debug.init_lora_from.empty()) load_peft_adapters(lora, debug.init_lora_from, loaded.layout);
+    if (!debug.init_lora_from.empty()) load_peft_adapters(model, lora, debug.init_lora_from, cfg, "--init-lora-from");
   } else if (!debug.init_lora_from.empty()) {
     throw Error("--init-lora-from needs lora_enable: true");
   }
@@ -505,7 +516,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       << (lora.empty() ? "" : ", LoRA on " + std::to_string(lora.size()) + " Linear modules") << std::endl;
 
   std::vector<StepMetrics> history;
-  double logged_loss = 0;  // sum of step losses since the last log line
+  double logged_loss = 0;        // sum of step losses since the last log line
+  int64_t last_logged_step = 0;  // HF Trainer's _globalstep_last_logged: a log line averages over the steps since
   checkpoint::TrainerState state;
   state.max_steps = max_steps;
   state.logging_steps = cfg.logging_steps;
@@ -517,6 +529,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   auto signature = [&](int64_t step) {
     auto s = run_signature(cfg, trainables, comm.world_size(), samples_per_step);
     s.sampler = {{"epoch", step / steps_per_epoch}, {"position", (step % steps_per_epoch) * samples_per_step}};
+    s.logging = RunSignature::LogProgress{last_logged_step, logged_loss};
     return s;
   };
   int64_t step = 0;
@@ -524,6 +537,15 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     const auto restored = restore_checkpoint(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(), log);
     step = restored.global_step;
     state.log_history = restored.log_history;
+    last_logged_step = step;  // as HF Trainer: the first log line averages over the steps this run makes
+    if (const auto saved = read_run_signature(resume); saved && saved->logging) {  // ours: continue the line
+      if (saved->logging->last_logged_step < 0 || saved->logging->last_logged_step > step)
+        fail((fs::path(resume) / "llava_resume.json").string(),
+             "\"logging\": last_logged_step " + std::to_string(saved->logging->last_logged_step) +
+                 " is not in [0, global_step " + std::to_string(step) + "]");
+      last_logged_step = saved->logging->last_logged_step;
+      logged_loss = saved->logging->loss_since_log;
+    }
     log << "resuming from " << resume << " at step " << step << std::endl;
   }
   const int64_t first_epoch = step / steps_per_epoch, first_window = step % steps_per_epoch;
@@ -532,6 +554,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   bool stopped = false;  // --stop-after-steps (as if killed right after that step) or save_on_interrupt
   int64_t skipped_steps = 0;  // non-finite steps skipped
   int64_t micro_batches_run = 0;
+  int64_t samples_drawn = 0;  // this rank's, for the masked-sample summary
   bool scored_any = false;  // any scored token yet in this run
   const int64_t first_step = step;
   if (cfg.save_on_interrupt) {
@@ -550,6 +573,10 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       for (int64_t i = 0; i < size; ++i)
         if (auto b = loader.next()) micro_batches.push_back(std::move(*b));
       if (micro_batches.empty()) break;
+      for (auto& b : micro_batches) {
+        samples_drawn += b.input_ids.size(0);
+        for (auto& line : masked_samples.note(b)) progress.log(line);
+      }
       // The loss is the mean over every scored token of the global window, so ranks agree on its count.
       auto window_tokens = torch::zeros({1}, torch::kFloat64);
       for (auto& b : micro_batches) window_tokens += static_cast<double>(scored_tokens(b.labels));
@@ -602,10 +629,15 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       state.global_step = step;
       state.epoch = m.epoch;
       if (cfg.logging_steps > 0 && step % cfg.logging_steps == 0) {
-        progress.log(log_line(logged_loss / cfg.logging_steps, m.grad_norm, m.learning_rate, m.epoch));
-        state.log_history.push_back({{"loss", logged_loss / cfg.logging_steps}, {"grad_norm", m.grad_norm},
+        // HF Trainer's _maybe_log_save_evaluate: the mean over the steps since the last line (fewer than
+        // logging_steps after a resume from a checkpoint that did not carry the line in progress); grad_norm
+        // and learning_rate are this step's.
+        const double mean_loss = logged_loss / static_cast<double>(step - last_logged_step);
+        progress.log(log_line(mean_loss, m.grad_norm, m.learning_rate, m.epoch));
+        state.log_history.push_back({{"loss", mean_loss}, {"grad_norm", m.grad_norm},
                                      {"learning_rate", m.learning_rate}, {"epoch", m.epoch}, {"step", step}});
         logged_loss = 0;
+        last_logged_step = step;
       }
       if (save_every && step % cfg.save_steps == 0)
         save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
@@ -620,6 +652,12 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   }
 
   progress.finish();
+  auto masked_counts = torch::tensor({static_cast<double>(masked_samples.masked_drawn()), static_cast<double>(samples_drawn)},
+                                     torch::kFloat64);
+  if (comm.world_size() > 1) comm.allreduce(masked_counts, dist::Reduce::Sum);
+  const auto masked_summary = masked_samples.summary(static_cast<int64_t>(masked_counts[0].item<double>()),
+                                                     static_cast<int64_t>(masked_counts[1].item<double>()));
+  if (!masked_summary.empty()) log << masked_summary << std::endl;
   // HF Trainer saves at the end too (unless the last step just did).
   if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
     save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);

@@ -210,10 +210,11 @@ def make_batch(config, layout_of_images, text_lens, padding="right", seed=0):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
 
 
-def make_chat_model_dir(root, seed=3):
+def make_chat_model_dir(root, seed=3, layout="modern"):
     """A complete model dir at root/model: a tiny sentencepiece tokenizer (llava-hf added tokens) trained
-    here, a tiny LLaVA whose vocab and image token match it (16 px images, 16 image rows), and a
-    preprocessor_config.json. Returns (model_dir, tokenizer, model, image_processor)."""
+    here, a tiny LLaVA whose vocab and image token match it (16 px images, 16 image rows) saved in `layout`
+    (see save(); "v5": transformers' own save_pretrained), and a preprocessor_config.json.
+    Returns (model_dir, tokenizer, model, image_processor)."""
     from transformers import CLIPImageProcessor
     from data_fixtures import make_hf_tokenizer_dir, train_spm
     model_dir = root / "model"
@@ -221,7 +222,7 @@ def make_chat_model_dir(root, seed=3):
     config = make_config(vocab=len(tok), image_size=16, patch_size=4)
     config.image_token_index = tok.convert_tokens_to_ids("<image>")
     model = build(config, seed=seed)
-    save(model, str(model_dir))
+    save(model, str(model_dir), layout=layout)
     processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     processor.save_pretrained(str(model_dir))
     return model_dir, tok, model, processor

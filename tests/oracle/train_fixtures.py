@@ -9,9 +9,10 @@ QUESTIONS = ["What is shown?", "Describe the picture.", "What color is it?"]
 WORDS = ["red", "blue", "a cat", "two dogs", "the sky", "green grass"]
 
 
-def make_train_world(root, samples, seed=3):
-    """Writes model/, images/ and data.json under root; returns the base config (keys every run shares)."""
-    model_dir, _, model, _ = tiny_llava.make_chat_model_dir(root, seed=seed)
+def make_train_world(root, samples, seed=3, layout="modern"):
+    """Writes model/ (in tiny_llava.save's `layout`), images/ and data.json under root; returns the base
+    config (keys every run shares)."""
+    model_dir, _, model, _ = tiny_llava.make_chat_model_dir(root, seed=seed, layout=layout)
     images = root / "images"
     images.mkdir()
     records = []

@@ -199,7 +199,11 @@ CASES = [
      ["data.json", "record 0"], None),
     ("data_labels_all_masked", lambda w, d: train_with_data(
         w, d, [{"id": "q", "conversations": [{"from": "human", "value": "Only a question, no answer"}]}]),
-     ["data.json", "no record"], None),
+     ["data.json", "1 of the 1 records checked", "masked whole", "record 0"], None),  # before training starts
+    ("data_answers_cut_off", lambda w, d: train_with_data(  # every answer past model_max_length
+        w, d, [{"id": "c", "conversations": [{"from": "human", "value": "What is shown?"}, {"from": "gpt", "value": "x"}]}],
+        model_max_length=20),
+     ["data.json", "no record", "model_max_length 20"], None),
     ("data_missing_image_file", lambda w, d: train_with_data(
         w, d, [{"id": "m", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                                       {"from": "gpt", "value": "x"}]}]),

@@ -168,19 +168,30 @@ def test_sigterm_with_save_on_interrupt_saves_then_resumes_exactly(world, ranks)
 @pytest.mark.parametrize("ranks", RANKS)
 def test_stop_in_the_middle_of_accumulation_then_resume_is_bitwise(world, stage, ranks):
     """Killed after 5 backward passes (accumulation 2: inside step 3's window, one step after the save at
-    step 2), resumed from checkpoint-2: the half-done window is redone and the run ends bitwise equal."""
-    s = {**({"tune_mm_mlp_adapter": True} if stage == "stage1" else LORA), "save_strategy": "steps", "save_steps": 2}
+    step 2), resumed from checkpoint-2: the half-done window is redone and the run ends bitwise equal, its
+    log lines too (logging_steps 3: the checkpoint lies inside the first line's steps)."""
+    s = {**({"tune_mm_mlp_adapter": True} if stage == "stage1" else LORA), "save_strategy": "steps", "save_steps": 2,
+         "logging_steps": 3}
     run(command(world, f"mid_whole_{stage}_{ranks}", s, ranks))
     whole, whole_w = finished(world, f"mid_whole_{stage}_{ranks}", ranks)
     name = f"mid_run_{stage}_{ranks}"
     proc = run(command(world, name, s, ranks) + ["--stop-after-micro-batches", "5"])
-    assert proc.stdout.count("'loss'") == 2 and sorted(p.name for p in (world["root"] / name).iterdir()) == ["checkpoint-2"]
-    run(command(world, name, {**s, "resume_from_checkpoint": "auto"}, ranks))
+    assert "'loss'" not in proc.stdout and sorted(p.name for p in (world["root"] / name).iterdir()) == ["checkpoint-2"]
+    second = run(command(world, name, {**s, "resume_from_checkpoint": "auto"}, ranks))
     rest, rest_w = finished(world, name, ranks)
     assert rest == whole[2:]
     for n in whole_w:
         assert torch.equal(rest_w[n], whole_w[n]), n
-    print(f"{stage}, {ranks} rank(s): stopped inside step 3's window, resumed at checkpoint-2: bitwise equal")
+    log_history = [json.loads((world["root"] / run_name / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+                   for run_name in (f"mid_whole_{stage}_{ranks}", name)]
+    losses = [m["loss"] for m in whole]
+    assert [e["step"] for e in log_history[0]] == [3, 6]
+    assert log_history[0][0]["loss"] == pytest.approx(sum(losses[:3]) / 3, rel=1e-12)
+    assert log_history[1] == log_history[0]
+    assert [l for l in second.stdout.splitlines() if l.startswith("{'loss'")][0].startswith(
+        f"{{'loss': {log_history[0][0]['loss']!r},")  # the resumed run's first line: the mean of steps 1-3
+    print(f"{stage}, {ranks} rank(s): stopped inside step 3's window, resumed at checkpoint-2: bitwise equal, "
+          f"log_history too ({[round(e['loss'], 6) for e in log_history[0]]})")
 
 
 KILL_CASES = [("stage1", 1), ("lora", 1), ("lora", 2)]

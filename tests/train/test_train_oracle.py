@@ -347,9 +347,11 @@ def test_checkpoints_in_the_hf_trainer_layout(world):
 @pytest.mark.parametrize("stage", ["lora", "stage1", "full"])
 def test_resume_continues_exactly_without_replaying_batches(world, stage):
     """Stopped after a save at step 3 (the middle of epoch 1) and resumed with resume_from_checkpoint: auto,
-    the losses of steps 4..6 and the final trainable weights are bitwise those of an uninterrupted run."""
+    the losses of steps 4..6 and the final trainable weights are bitwise those of an uninterrupted run, and
+    so is trainer_state.json's log_history: logging_steps 2, so the checkpoint lies between two log lines
+    and the line at step 4 averages steps 3 and 4, as the uninterrupted run's does."""
     s = {"learning_rate": 1e-2, "max_steps": 6, "save_steps": 3, "gradient_accumulation_steps": 2,
-         "lr_scheduler_type": "cosine", "warmup_steps": 2, "max_grad_norm": 0.5}
+         "lr_scheduler_type": "cosine", "warmup_steps": 2, "max_grad_norm": 0.5, "logging_steps": 2}
     s.update({"lora": {"lora_enable": True, "lora_r": 4}, "stage1": {"tune_mm_mlp_adapter": True}, "full": {}}[stage])
     _, _, whole, whole_w = ours(world, f"{stage}_whole", {**s, "output_dir": str(world["root"] / f"{stage}_whole")})
     out = str(world["root"] / f"{stage}_resumed")
@@ -362,4 +364,12 @@ def test_resume_continues_exactly_without_replaying_batches(world, stage):
         assert (a["loss"], a["grad_norm"], a["learning_rate"], a["epoch"]) == (b["loss"], b["grad_norm"], b["learning_rate"], b["epoch"])
     for n in whole_w:
         assert torch.equal(second_w[n], whole_w[n]), n
-    print(f"\n{stage}: resumed at step 3; steps 4-6 and {len(whole_w)} trained tensors bitwise equal")
+    whole_log = json.loads((world["root"] / f"{stage}_whole" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    resumed_log = json.loads((world["root"] / f"{stage}_resumed" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    losses = [m["loss"] for m in whole["steps"]]
+    assert [e["step"] for e in whole_log] == [2, 4, 6]
+    for e in whole_log:  # each line: the mean of the two steps since the last one (HF Trainer's rule)
+        assert e["loss"] == pytest.approx((losses[e["step"] - 2] + losses[e["step"] - 1]) / 2, rel=1e-12), e
+    assert resumed_log == whole_log
+    print(f"\n{stage}: resumed at step 3; steps 4-6, {len(whole_w)} trained tensors and the log_history "
+          f"(logging_steps 2: {[round(e['loss'], 6) for e in whole_log]}) bitwise equal")
