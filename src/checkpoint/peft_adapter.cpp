@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <optional>
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "io/error.h"
@@ -75,18 +76,18 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name, const Adapte
   const std::string config_path = (dir / "adapter_config.json").string();
   if (!fs::exists(config_path)) fail(dir_name, "no adapter_config.json (not a PEFT adapter directory)");
   const nlohmann::json config = io::read_json_file(config_path);
-  if (config.value("peft_type", std::string()) != "LORA") fail(config_path, "peft_type must be LORA");
+  if (!config.is_object()) fail(config_path, "expected a JSON object (a PEFT adapter config)");
+  if (!config.contains("peft_type") || config["peft_type"] != "LORA") fail(config_path, "peft_type must be \"LORA\"");
   for (const char* unsupported : {"use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication"})
     if (is_set(config, unsupported)) fail(config_path, std::string("'") + unsupported + "' is not supported");
   PeftLoraAdapter adapter;
-  try {
-    adapter.r = config.at("r").get<int64_t>();
-    adapter.lora_alpha = config.at("lora_alpha").get<double>();
-    adapter.use_rslora = config.value("use_rslora", false);
-  } catch (const nlohmann::json::exception& e) {
-    fail(config_path, std::string("needs integer 'r' and number 'lora_alpha': ") + e.what());
-  }
-  if (adapter.r < 1) fail(config_path, "'r' must be >= 1");
+  if (!config.contains("r") || !config.contains("lora_alpha") || !config["lora_alpha"].is_number() ||
+      (config.contains("use_rslora") && !config["use_rslora"].is_boolean()))
+    fail(config_path, "needs an integer 'r', a number 'lora_alpha' and (optionally) true/false 'use_rslora'");
+  adapter.r = io::json_integer(config["r"], config_path + ": 'r'", 1, int64_t{1} << 20);
+  adapter.lora_alpha = config["lora_alpha"].get<double>();
+  if (!std::isfinite(adapter.lora_alpha)) fail(config_path, "'lora_alpha' must be a finite number");
+  adapter.use_rslora = config.value("use_rslora", false);
 
   const auto tensors = read_adapter_tensors(dir);
   adapter.tensor_file = tensors.file;

@@ -18,6 +18,7 @@
 
 using namespace llava;
 using Catch::Matchers::Contains;
+using test::error_of;
 
 namespace {
 
@@ -37,16 +38,6 @@ std::string png_header(uint32_t w, uint32_t h) {
     for (int shift : {24, 16, 8, 0}) ihdr += static_cast<char>((v >> shift) & 0xff);
   ihdr += std::string("\x08\x02\x00\x00\x00", 5);
   return std::string("\x89PNG\r\n\x1a\n", 8) + std::string("\x00\x00\x00\x0d", 4) + ihdr + std::string(4, '\0');
-}
-
-std::string error_of(const std::function<void()>& body) {
-  try {
-    body();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL("expected llava::Error");
-  return "";
 }
 
 }  // namespace

@@ -4,7 +4,7 @@
 #   - the resumed run really resumed (from the checkpoint saved before the interruption);
 #   - held-out accuracy well above chance: color >= 14/20 (chance 4/20), position >= 12/20 (chance 5/20),
 #     all three kinds >= 36/60 (chance ~16/60). Measured with seed 0: color 20/20, shape 12/20,
-#     position 19/20, all 51/60 (libtorch 1.13); the margins absorb other libtorch versions' numerics.
+#     position 19/20, all 51/60; the margins absorb other libtorch versions' numerics.
 # usage: tests/demo/check_demo.sh BUILD_DIR OUT_DIR
 set -euo pipefail
 build=$1 out=$2

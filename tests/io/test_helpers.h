@@ -1,10 +1,15 @@
-// Temp files for io tests.
+// Temp files and error capture for tests.
 #pragma once
+#include <catch2/catch.hpp>
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <unistd.h>
+
+#include "io/error.h"
 
 namespace llava::test {
 
@@ -19,6 +24,17 @@ inline std::string temp_dir(const std::string& name) {
 
 inline void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
+}
+
+// The message of the llava::Error that `body` throws; fails the test when it throws none.
+inline std::string error_of(const std::function<void()>& body) {
+  try {
+    body();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  FAIL("expected llava::Error");
+  return "";
 }
 
 }  // namespace llava::test

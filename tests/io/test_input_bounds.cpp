@@ -17,6 +17,7 @@
 
 using namespace llava;
 using Catch::Matchers::Contains;
+using test::error_of;
 
 namespace {
 
@@ -26,16 +27,6 @@ std::string nested(const std::string& open, const std::string& close, int depth,
   s += inner;
   for (int i = 0; i < depth; ++i) s += close;
   return s;
-}
-
-std::string error_of(const std::function<void()>& body) {
-  try {
-    body();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL("expected llava::Error");
-  return "";
 }
 
 }  // namespace
