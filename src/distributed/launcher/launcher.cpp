@@ -225,15 +225,18 @@ std::map<std::string, std::string> current_environment() {
   return env;
 }
 
-// In the child, after fork: the worker's environment, pipes and process group, then exec.
+// In the child, after fork (signals blocked): the worker's environment, pipes and process group, then exec.
 [[noreturn]] void exec_worker(const LaunchConfig& config, const std::map<std::string, std::string>& env,
-                              int out_fd, int err_fd, pid_t launcher_pid) {
+                              int out_fd, int err_fd, pid_t launcher_pid, const sigset_t& launcher_mask) {
   setpgid(0, 0);                     // its own group: signals reach the worker's children too
   prctl(PR_SET_PDEATHSIG, SIGKILL);  // no orphans if the launcher itself is killed
   if (getppid() != launcher_pid) _exit(127);
+  // The launcher's handler would write into the launcher's signal pipe: a SIGTERM sent to this worker
+  // before exec would read as one sent to the launcher. Default handlers first, then unblock.
   struct sigaction action {};
   action.sa_handler = SIG_DFL;
   for (int signal_number : {SIGINT, SIGTERM, SIGCHLD, SIGPIPE}) sigaction(signal_number, &action, nullptr);
+  sigprocmask(SIG_SETMASK, &launcher_mask, nullptr);
 
   int devnull = open("/dev/null", O_RDONLY);  // a background process group must not read the terminal
   if (devnull >= 0) dup2(devnull, 0);
@@ -257,9 +260,13 @@ void start_worker(Worker& worker, const LaunchConfig& config, const std::map<std
     fail("llava-run", std::string("pipe: ") + strerror(errno));
   auto env = worker_env(config, worker.local_rank, parent_env, restart_count);
   pid_t launcher_pid = getpid();
+  sigset_t all, launcher_mask;
+  sigfillset(&all);
+  sigprocmask(SIG_BLOCK, &all, &launcher_mask);  // until the child has its own handlers (see exec_worker)
   pid_t pid = fork();
+  if (pid == 0) exec_worker(config, env, out_pipe[1], err_pipe[1], launcher_pid, launcher_mask);
+  sigprocmask(SIG_SETMASK, &launcher_mask, nullptr);
   if (pid < 0) fail("llava-run", std::string("fork: ") + strerror(errno));
-  if (pid == 0) exec_worker(config, env, out_pipe[1], err_pipe[1], launcher_pid);
   setpgid(pid, pid);  // also here, so kill(-pid) works whichever side runs first
   close(out_pipe[1]);
   close(err_pipe[1]);
