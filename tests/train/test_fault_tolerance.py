@@ -4,6 +4,7 @@ invocation that ends bitwise equal to an uninterrupted run; a SIGTERM to the lau
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -17,10 +18,19 @@ RUN = {**LORA, "max_steps": STEPS, "save_strategy": "steps", "save_steps": 1, "s
        "resume_from_checkpoint": "auto"}
 
 
-def supervised(world, name, settings, *launcher_options):
-    """`llava train` on 2 ranks under llava-run with extra launcher options (before the command)."""
+def supervised(world, name, settings, *launcher_options, port=None):
+    """`llava train` on 2 ranks under llava-run with extra launcher options (before the command); with `port`
+    a fixed --master_port (bound again by every round's rank 0) instead of --standalone (a fresh one each)."""
     cmd = command(world, name, settings, 2)
+    if port is not None:
+        cmd[cmd.index("--standalone")] = f"--master_port={port}"
     return cmd[:1] + list(launcher_options) + cmd[1:]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def reference(world):
@@ -127,7 +137,7 @@ def test_a_hang_is_caught_by_step_timeout_and_the_restarted_group_ends_bitwise(w
     env = {**os.environ, "LLAVA_TEST_HANG_AT_STEP": "5", "LLAVA_TEST_HANG_RANK": "1"}
     start = time.time()
     proc = subprocess.run(supervised(world, name, {**RUN, "step_timeout": timeout}, "--max_restarts=1",
-                                     "--shutdown_timeout=2"), env=env, capture_output=True, text=True, timeout=600)
+                                     "--shutdown_timeout=2", port=free_port()), env=env, capture_output=True, text=True, timeout=600)
     elapsed = time.time() - start
     text = proc.stdout + proc.stderr
     reports = [line for line in text.splitlines() if line.startswith("[rank") and "error: step_timeout:" in line]
