@@ -86,8 +86,10 @@ c10::intrusive_ptr<c10d::Store> connect_store(const DistEnv& env, std::chrono::m
   opts.timeout = timeout;
   try {
     auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, opts);
-    // Keep our keys apart from whatever else (torchrun's agent) uses the same store.
-    return c10::make_intrusive<c10d::PrefixStore>("llava", store);
+    // Keep our keys apart from whatever else (torchrun's agent) uses the same store, and each round of a
+    // restarted group apart from the last: torchrun's agent store outlives the workers, so round N must not
+    // see round N-1's "joined" or Gloo address keys (llava-run's store dies with rank 0 anyway).
+    return c10::make_intrusive<c10d::PrefixStore>("llava/worker/attempt_" + std::to_string(env.restart_count), store);
   } catch (const std::exception& e) {
     fail(rendezvous_where(env), join_timeout_text(timeout, e));
   }

@@ -54,6 +54,7 @@ DistEnv read_dist_env() {
   env.local_world_size = optional_int("LOCAL_WORLD_SIZE", 1, 1, env.world_size);
   env.local_rank = optional_int("LOCAL_RANK", 0, 0, env.local_world_size - 1);
   env.agent_store = env_value("TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True";
+  env.restart_count = optional_int("TORCHELASTIC_RESTART_COUNT", 0, 0, 1 << 30);
   // One rank needs no rendezvous, so the address is optional then (torchrun sets it anyway).
   auto addr = env_value("MASTER_ADDR");
   if (env.world_size > 1 && (!addr || addr->empty()))

@@ -16,6 +16,9 @@ struct DistEnv {
   // torchrun's agent hosts the TCPStore itself (TORCHELASTIC_USE_AGENT_STORE=True): every rank is
   // then a client. Under llava-run (or any launcher without an agent store) rank 0 hosts it.
   bool agent_store = false;
+  // TORCHELASTIC_RESTART_COUNT: the launcher's round (0, then +1 per restart of the group). Each round
+  // keeps its rendezvous keys apart, as torch does (PrefixStore "/worker/attempt_<N>").
+  int restart_count = 0;
   bool from_launcher = false;  // true when RANK/WORLD_SIZE were set
 
   bool is_store_host() const { return rank == 0 && !agent_store; }

@@ -116,6 +116,7 @@ const io::Schema<C>& train_schema() {
         .add(io::integer("zero_stage", &C::zero_stage, 0, 2))  // ZeRO-3 is not supported
         .add(io::text("deepspeed", &C::deepspeed))
         .add(io::number("ddp_timeout", &C::ddp_timeout, 1, 1e7))
+        .add(io::number("step_timeout", &C::step_timeout, 0, 1e7))  // 0: no hang detection
         .add(io::byte_size("consolidate_optimizer_max_size", &C::consolidate_optimizer_max_size))
         .add(io::integer("reduce_bucket_size", &C::reduce_bucket_size, 1, int64_t{1} << 40))
         // Accepted for HF/LLaVA compatibility, no effect here (README.md: "Accepted and ignored keys").

@@ -75,6 +75,7 @@ struct TrainConfig {
   int64_t zero_stage = 0;
   std::string deepspeed;  // a DeepSpeed JSON; its zero_optimization.stage sets zero_stage
   double ddp_timeout = 1800;
+  double step_timeout = 0;  // seconds without a finished step before a rank reports where it is and exits; 0: off
   std::string consolidate_optimizer_max_size = "2GB";  // ZeRO: also write optimizer.pt up to this state size
   // ZeRO 1/2: elements per gradient bucket (DeepSpeed's zero_optimization.reduce_bucket_size); also the
   // largest fp32 gradient chunk the update converts at once.

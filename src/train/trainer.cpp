@@ -33,6 +33,7 @@
 #include "train/resume_state.h"
 #include "train/schedule.h"
 #include "train/sharded_adamw.h"
+#include "train/watchdog.h"
 
 namespace llava::train {
 
@@ -561,6 +562,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     std::signal(SIGTERM, note_interrupt);
     std::signal(SIGINT, note_interrupt);
   }
+  Watchdog watchdog(cfg.step_timeout, comm.rank(), step);  // step_timeout: a rank stuck anywhere exits
   for (int64_t epoch = first_epoch; epoch < epochs && step < max_steps && !stopped; ++epoch) {
     // A resumed run starts at the next window of its epoch: no batch is replayed.
     const int64_t skip_windows = epoch == first_epoch ? first_window : 0;
@@ -569,6 +571,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     for (int64_t window = skip_windows; window < steps_per_epoch && step < max_steps && !stopped; ++window) {
       // One optimizer step: a window of micro-batches on every rank, their gradients summed.
       std::vector<data::Batch> micro_batches;
+      watchdog.enter(Phase::data);
+      hang_here_if_testing(step + 1, comm.rank());
       const int64_t size = std::min(accum, batches_per_epoch - window * accum);
       for (int64_t i = 0; i < size; ++i)
         if (auto b = loader.next()) micro_batches.push_back(std::move(*b));
@@ -580,6 +584,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       // The loss is the mean over every scored token of the global window, so ranks agree on its count.
       auto window_tokens = torch::zeros({1}, torch::kFloat64);
       for (auto& b : micro_batches) window_tokens += static_cast<double>(scored_tokens(b.labels));
+      watchdog.enter(Phase::collective);
       if (comm.world_size() > 1) comm.allreduce(window_tokens, dist::Reduce::Sum);
       const auto tokens = std::max<int64_t>(static_cast<int64_t>(window_tokens.item<double>()), 1);
       scored_any = scored_any || window_tokens.item<double>() > 0;
@@ -593,12 +598,15 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
 
       auto loss_sum = torch::zeros({1}, torch::kFloat64);
       for (auto& b : micro_batches) {
+        watchdog.enter(Phase::forward);
         auto l = micro_batch_loss(model, b, tokens);
+        watchdog.enter(Phase::backward);
         if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
         optimizer.finish_micro_batch();       // every rank (ZeRO 2: the buckets its backward did not reduce)
         loss_sum += l.item<double>();
         if (++micro_batches_run == debug.stop_after_micro_batches) return history;  // as if killed here
       }
+      watchdog.enter(Phase::collective);
       if (comm.world_size() > 1) comm.allreduce(loss_sum, dist::Reduce::Sum);
       const double loss = loss_sum.item<double>();
       batches_seen += static_cast<int64_t>(micro_batches.size());
@@ -618,6 +626,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
                     "set skip_nonfinite_steps: true to skip such steps)");
       }
       ++step;
+      watchdog.step_done(step);
 
       StepMetrics m{step, loss, grad_norm, cfg.learning_rate * factor,
                     epoch + static_cast<double>(batches_seen) / batches_per_epoch};
@@ -639,6 +648,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         logged_loss = 0;
         last_logged_step = step;
       }
+      watchdog.enter(Phase::save);
       if (save_every && step % cfg.save_steps == 0)
         save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
       if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
@@ -658,6 +668,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   const auto masked_summary = masked_samples.summary(static_cast<int64_t>(masked_counts[0].item<double>()),
                                                      static_cast<int64_t>(masked_counts[1].item<double>()));
   if (!masked_summary.empty()) log << masked_summary << std::endl;
+  watchdog.enter(Phase::save);
   // HF Trainer saves at the end too (unless the last step just did).
   if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
     save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);

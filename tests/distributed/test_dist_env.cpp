@@ -12,7 +12,7 @@ using namespace llava;
 namespace {
 
 const char* kTorchrunVars[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                               "TORCHELASTIC_USE_AGENT_STORE", "LLAVA_DIST_TIMEOUT"};
+                               "TORCHELASTIC_USE_AGENT_STORE", "LLAVA_DIST_TIMEOUT", "TORCHELASTIC_RESTART_COUNT"};
 
 // Sets the given variables for one test case and clears every torchrun variable around it.
 struct ScopedEnv {
@@ -72,6 +72,15 @@ TEST_CASE("torchrun variables are read and checked", "[dist][env]") {
     CHECK(parsed.master_port == 29501);
     CHECK(parsed.agent_store);
     CHECK_FALSE(parsed.is_store_host());
+    CHECK(parsed.restart_count == 0);  // not set: the first round
+  }
+  {
+    ScopedEnv env({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"TORCHELASTIC_RESTART_COUNT", "4"}});
+    CHECK(dist::read_dist_env().restart_count == 4);
+  }
+  {
+    ScopedEnv env({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"TORCHELASTIC_RESTART_COUNT", "-1"}});
+    CHECK_THROWS_WITH(dist::read_dist_env(), Catch::Contains("TORCHELASTIC_RESTART_COUNT") && Catch::Contains("'-1'"));
   }
   {
     ScopedEnv env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "localhost"}});
@@ -142,4 +151,31 @@ TEST_CASE("llava-run options: bad values are clear errors", "[dist][launcher]") 
   CHECK_THROWS_WITH(launcher::parse_launch_args({"--nproc_per_node=two", "x"}), Catch::Contains("two"));
   CHECK_THROWS_WITH(launcher::parse_launch_args({"--bogus", "x"}), Catch::Contains("bogus"));
   CHECK_THROWS_WITH(launcher::parse_launch_args({"--standalone", "--nnodes=2", "x"}), Catch::Contains("single-node"));
+}
+
+TEST_CASE("llava-run --max_restarts: both spellings, the round in the workers' environment", "[dist][launcher]") {
+  auto config = launcher::parse_launch_args({"--nproc_per_node=2", "--max_restarts", "3", "llava", "train",
+                                             "--max_restarts", "9"});
+  CHECK(config.max_restarts == 3);
+  CHECK(config.command == std::vector<std::string>{"llava", "train", "--max_restarts", "9"});
+  CHECK(launcher::parse_launch_args({"--max-restarts=5", "x"}).max_restarts == 5);
+  CHECK(launcher::parse_launch_args({"x"}).max_restarts == 0);  // torchrun's default: no restarts
+
+  auto first = launcher::worker_env(config, 1, {});
+  CHECK(first["TORCHELASTIC_RESTART_COUNT"] == "0");
+  CHECK(first["TORCHELASTIC_MAX_RESTARTS"] == "3");
+  auto third = launcher::worker_env(config, 1, {}, 2);
+  CHECK(third["TORCHELASTIC_RESTART_COUNT"] == "2");
+  CHECK(third["RANK"] == "1");
+  CHECK(third["MASTER_PORT"] == first["MASTER_PORT"]);  // a fixed --master_port stays (other nodes know it)
+}
+
+TEST_CASE("llava-run --max_restarts: bad values and several nodes are refused clearly", "[dist][launcher]") {
+  CHECK_THROWS_WITH(launcher::parse_launch_args({"--max_restarts=-1", "x"}),
+                    Catch::Contains("--max_restarts") && Catch::Contains("got -1"));
+  CHECK_THROWS_WITH(launcher::parse_launch_args({"--max_restarts=many", "x"}), Catch::Contains("many"));
+  CHECK_THROWS_WITH(launcher::parse_launch_args({"--nnodes=2", "--max_restarts=1", "x"}),
+                    Catch::Contains("--max_restarts") && Catch::Contains("single node only") &&
+                        Catch::Contains("--nnodes=2"));
+  CHECK(launcher::parse_launch_args({"--nnodes=2", "--max_restarts=0", "x"}).nnodes == 2);  // no restarts: fine
 }

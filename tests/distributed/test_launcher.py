@@ -167,3 +167,58 @@ def test_bad_options_are_clear_errors():
         assert proc.returncode == 1 and proc.stderr.startswith("error: ") and needle in proc.stderr, proc.stderr
     proc = subprocess.run([binary("LLAVA_RUN"), "no-such-command-xyz"], capture_output=True, text=True, timeout=10)
     assert proc.returncode == 127 and "[rank0]:llava-run: cannot execute 'no-such-command-xyz'" in proc.stderr
+
+
+# Each round appends "<round> <MASTER_PORT> <TORCHELASTIC_MAX_RESTARTS>" to {d}/rounds$RANK; rank 1 fails
+# (exit 7, after a line on stderr, once rank 0 has written its line) in every round below {fail_below}; the
+# others wait for the SIGTERM.
+FLAKY_WORKER = ('echo "$TORCHELASTIC_RESTART_COUNT $MASTER_PORT $TORCHELASTIC_MAX_RESTARTS" >> {d}/rounds$RANK; '
+                'if [ $RANK = 1 ]; then if [ $TORCHELASTIC_RESTART_COUNT -lt {fail_below} ]; then '
+                'until grep -qs "^$TORCHELASTIC_RESTART_COUNT " {d}/rounds0; do sleep 0.02; done; '
+                'echo "boom in round $TORCHELASTIC_RESTART_COUNT" >&2; exit 7; fi; exit 0; fi; '
+                'if [ $TORCHELASTIC_RESTART_COUNT -lt {fail_below} ]; then sleep 30 & wait $!; fi')
+
+
+def rounds(path):
+    return [line.split() for line in path.read_text().splitlines()]
+
+
+def test_max_restarts_restarts_every_worker_until_they_succeed(tmp_path):
+    proc = launch(["--standalone", "--nproc_per_node=2", "--max_restarts=3", "--shutdown_timeout=5", "sh", "-c",
+                   FLAKY_WORKER.format(d=tmp_path, fail_below=2)])
+    out, err = proc.communicate(timeout=60)
+    print(f"\nflaky worker, --max_restarts 3: exit {proc.returncode}; stderr:\n{err.strip()}")
+    assert proc.returncode == 0, err
+    for rank in range(2):
+        got = rounds(tmp_path / f"rounds{rank}")
+        assert [r[0] for r in got] == ["0", "1", "2"] and {r[2] for r in got} == {"3"}, got
+    ports = [r[1] for r in rounds(tmp_path / "rounds0")]
+    assert len(set(ports)) == 3  # --standalone: a fresh port for every round's store
+    assert err.count("worker rank 1 (local rank 1") == 2 and "(its last error line: boom in round 1)" in err
+    assert "restarting every worker (restart 1 of 3)" in err and "restarting every worker (restart 2 of 3)" in err
+    assert "restart 3 of 3" not in err and "no restarts left" not in err
+
+
+def test_restarts_exhausted_name_the_rank_and_its_last_failure(tmp_path):
+    proc = launch(["--standalone", "--nproc_per_node=2", "--max-restarts", "2", "--shutdown_timeout=5", "sh", "-c",
+                   FLAKY_WORKER.format(d=tmp_path, fail_below=99)])
+    out, err = proc.communicate(timeout=60)
+    last = err.strip().splitlines()[-1]
+    print(f"\nrestarts exhausted: exit {proc.returncode}; last line: {last}")
+    assert proc.returncode == 7
+    assert last.startswith("llava-run: worker rank 1 (local rank 1, pid ")
+    assert last.endswith(") failed: it exited with status 7 (its last error line: boom in round 2); stopped the "
+                         "other 1 running worker(s); no restarts left (2 of --max_restarts 2 used)")
+    assert [r[0] for r in rounds(tmp_path / "rounds0")] == ["0", "1", "2"]
+
+
+def test_sigterm_to_the_launcher_is_a_preemption_not_a_failure(tmp_path):
+    proc = launch(["--standalone", "--nproc_per_node=2", "--max_restarts=5", "sh", "-c",
+                   PATIENT_WORKER.format(d=tmp_path)])
+    wait_for_files([tmp_path / "pid0", tmp_path / "pid1"])
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by Terminated; forwarded it to the workers (no restart)" in err and "restarting" not in err
+    for r in range(2):
+        assert (tmp_path / f"term{r}").read_text().strip() == "term"

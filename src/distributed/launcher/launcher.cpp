@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cxxopts.hpp>
+#include <optional>
 #include <random>
 #include <set>
 
@@ -52,6 +53,9 @@ cxxopts::Options make_options() {
       "seconds between SIGTERM and SIGKILL when stopping workers (default: $TORCH_ELASTIC_SHUTDOWN_TIMEOUT or 30)",
       cxxopts::value<double>());
   add(both_spellings("rdzv_id"), "run id (TORCHELASTIC_RUN_ID)", cxxopts::value<std::string>());
+  add(both_spellings("max_restarts"),
+      "when a worker fails, stop the others and start every worker again, up to this many times (one node only)",
+      cxxopts::value<int>()->default_value("0"));
   add(both_spellings("no_python"), "accepted for torchrun compatibility: llava-run always runs the command as is");
   add("h,help", "print this help");
   return options;
@@ -59,7 +63,8 @@ cxxopts::Options make_options() {
 
 bool takes_value(const std::string& arg) {
   static const std::set<std::string> value_options = {"nproc_per_node", "nnodes",          "node_rank", "master_addr",
-                                                      "master_port",    "shutdown_timeout", "rdzv_id"};
+                                                      "master_port",    "shutdown_timeout", "rdzv_id",
+                                                      "max_restarts"};
   std::string name = arg.substr(arg.find_first_not_of('-'));
   if (name.find('=') != std::string::npos) return false;  // --name=value
   std::replace(name.begin(), name.end(), '-', '_');
@@ -152,17 +157,20 @@ struct Stream {
   int fd = -1;      // read end of the worker's pipe; -1 once closed
   int target = 1;   // our stdout or stderr
   std::string pending;
+  std::string last_line;  // the last non-empty line, for the failure report
 
   void emit_lines(const std::string& prefix, bool flush_partial) {
     size_t start = 0, newline;
     std::string out;
     while ((newline = pending.find('\n', start)) != std::string::npos) {
       out += prefix + pending.substr(start, newline - start + 1);
+      if (newline > start) last_line = pending.substr(start, newline - start);
       start = newline + 1;
     }
     pending.erase(0, start);
     if (flush_partial && !pending.empty()) {
       out += prefix + pending + "\n";
+      last_line = pending;
       pending.clear();
     }
     write_all(target, out);
@@ -217,15 +225,18 @@ std::map<std::string, std::string> current_environment() {
   return env;
 }
 
-// In the child, after fork: the worker's environment, pipes and process group, then exec.
+// In the child, after fork (signals blocked): the worker's environment, pipes and process group, then exec.
 [[noreturn]] void exec_worker(const LaunchConfig& config, const std::map<std::string, std::string>& env,
-                              int out_fd, int err_fd, pid_t launcher_pid) {
+                              int out_fd, int err_fd, pid_t launcher_pid, const sigset_t& launcher_mask) {
   setpgid(0, 0);                     // its own group: signals reach the worker's children too
   prctl(PR_SET_PDEATHSIG, SIGKILL);  // no orphans if the launcher itself is killed
   if (getppid() != launcher_pid) _exit(127);
+  // The launcher's handler would write into the launcher's signal pipe: a SIGTERM sent to this worker
+  // before exec would read as one sent to the launcher. Default handlers first, then unblock.
   struct sigaction action {};
   action.sa_handler = SIG_DFL;
   for (int signal_number : {SIGINT, SIGTERM, SIGCHLD, SIGPIPE}) sigaction(signal_number, &action, nullptr);
+  sigprocmask(SIG_SETMASK, &launcher_mask, nullptr);
 
   int devnull = open("/dev/null", O_RDONLY);  // a background process group must not read the terminal
   if (devnull >= 0) dup2(devnull, 0);
@@ -242,15 +253,20 @@ std::map<std::string, std::string> current_environment() {
   _exit(127);
 }
 
-void start_worker(Worker& worker, const LaunchConfig& config, const std::map<std::string, std::string>& parent_env) {
+void start_worker(Worker& worker, const LaunchConfig& config, const std::map<std::string, std::string>& parent_env,
+                  int restart_count) {
   int out_pipe[2], err_pipe[2];
   if (pipe2(out_pipe, O_CLOEXEC) != 0 || pipe2(err_pipe, O_CLOEXEC) != 0)
     fail("llava-run", std::string("pipe: ") + strerror(errno));
-  auto env = worker_env(config, worker.local_rank, parent_env);
+  auto env = worker_env(config, worker.local_rank, parent_env, restart_count);
   pid_t launcher_pid = getpid();
+  sigset_t all, launcher_mask;
+  sigfillset(&all);
+  sigprocmask(SIG_BLOCK, &all, &launcher_mask);  // until the child has its own handlers (see exec_worker)
   pid_t pid = fork();
+  if (pid == 0) exec_worker(config, env, out_pipe[1], err_pipe[1], launcher_pid, launcher_mask);
+  sigprocmask(SIG_SETMASK, &launcher_mask, nullptr);
   if (pid < 0) fail("llava-run", std::string("fork: ") + strerror(errno));
-  if (pid == 0) exec_worker(config, env, out_pipe[1], err_pipe[1], launcher_pid);
   setpgid(pid, pid);  // also here, so kill(-pid) works whichever side runs first
   close(out_pipe[1]);
   close(err_pipe[1]);
@@ -258,33 +274,67 @@ void start_worker(Worker& worker, const LaunchConfig& config, const std::map<std
   fcntl(err_pipe[0], F_SETFL, O_NONBLOCK);
   worker.pid = pid;
   worker.running = true;
-  worker.out = Stream{out_pipe[0], 1, {}};
-  worker.err = Stream{err_pipe[0], 2, {}};
+  worker.out = Stream{out_pipe[0], 1, {}, {}};
+  worker.err = Stream{err_pipe[0], 2, {}, {}};
 }
 
 using Clock = std::chrono::steady_clock;
+
+// What ended a round: the first worker that failed on its own.
+struct Failure {
+  int rank = 0, local_rank = 0;
+  pid_t pid = -1;
+  int status = 0;           // its waitpid status
+  std::string last_line;    // the last line it wrote to stderr
+  int stopped_others = 0;   // workers still running when it failed
+
+  std::string describe() const {
+    std::string text = "worker rank " + std::to_string(rank) + " (local rank " + std::to_string(local_rank) +
+                       ", pid " + std::to_string(pid) + ") failed: it " + describe_status(status);
+    if (!last_line.empty()) text += " (its last error line: " + last_line.substr(0, 300) + ")";
+    if (stopped_others > 0) text += "; stopped the other " + std::to_string(stopped_others) + " running worker(s)";
+    return text;
+  }
+};
 
 class Supervisor {
  public:
   Supervisor(const LaunchConfig& config) : config_(config) {}
 
+  // Rounds of the whole group: a failed round is followed by a new one while restarts are left,
+  // unless the launcher itself was interrupted (a preemption is not a failure).
   int run() {
     install_signal_handlers();
-    auto parent_env = current_environment();
+    const auto parent_env = current_environment();
+    for (int round = 0;; ++round) {
+      run_round(round, parent_env);
+      if (!failure_ || interrupted_by_ != 0 || round == config_.max_restarts) return report(round);
+      write_all(2, "llava-run: " + failure_->describe() + "; restarting every worker (restart " +
+                       std::to_string(round + 1) + " of " + std::to_string(config_.max_restarts) + ")\n");
+      // --standalone owns its port: a fresh one per round, so no socket of the last round can be in the way.
+      if (config_.standalone) config_.master_port = pick_free_port();
+    }
+  }
+
+ private:
+  void run_round(int round, const std::map<std::string, std::string>& parent_env) {
+    workers_.clear();
+    workers_.reserve(static_cast<size_t>(config_.nproc_per_node));  // Stream pointers stay valid
+    failure_.reset();
+    stopping_ = killed_ = false;
     for (int local_rank = 0; local_rank < config_.nproc_per_node; ++local_rank) {
       workers_.push_back({});
       workers_.back().local_rank = local_rank;
       workers_.back().rank = config_.node_rank * config_.nproc_per_node + local_rank;
-      start_worker(workers_.back(), config_, parent_env);
+      start_worker(workers_.back(), config_, parent_env, round);
     }
     while (any_running() || any_stream_open()) poll_once();
-    // A stopped run leaves nothing behind: what the workers started in their groups goes too.
+    if (failure_) failure_->last_line = workers_[static_cast<size_t>(failure_->local_rank)].err.last_line;
+    // A stopped round leaves nothing behind: what the workers started in their groups goes too.
     if (stopping_)
       for (auto& w : workers_) kill(-w.pid, SIGKILL);
-    return report();
   }
 
- private:
   bool any_running() const {
     return std::any_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.running; });
   }
@@ -346,7 +396,7 @@ class Supervisor {
     unsigned char byte;
     while (read(g_signal_pipe[0], &byte, 1) == 1) {
       if (byte != SIGINT && byte != SIGTERM) continue;  // SIGCHLD: reap() below
-      if (stopping_) {
+      if (interrupted_by_ != 0) {
         signal_all(SIGKILL);  // a second Ctrl-C: no more grace
         killed_ = true;
       } else {
@@ -366,9 +416,9 @@ class Supervisor {
         w.status = status;
         bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
         if (failed && !stopping_) {
-          failed_ = &w;
-          stopped_others_ = static_cast<int>(std::count_if(workers_.begin(), workers_.end(),
-                                                           [](const Worker& other) { return other.running; }));
+          failure_ = Failure{w.rank, w.local_rank, w.pid, status, "",
+                             static_cast<int>(std::count_if(workers_.begin(), workers_.end(),
+                                                            [](const Worker& other) { return other.running; }))};
           begin_stop(SIGTERM);
         }
       }
@@ -386,27 +436,26 @@ class Supervisor {
       if (w.running) kill(-w.pid, signal_number);
   }
 
-  int report() const {
-    if (failed_ != nullptr) {
-      std::string message = "llava-run: worker rank " + std::to_string(failed_->rank) + " (local rank " +
-                            std::to_string(failed_->local_rank) + ", pid " + std::to_string(failed_->pid) +
-                            ") failed: it " + describe_status(failed_->status);
-      if (stopped_others_ > 0) message += "; stopped the other " + std::to_string(stopped_others_) + " running worker(s)";
-      write_all(2, message + "\n");
-      return exit_code_of(failed_->status);
-    }
+  int report(int round) const {
     if (interrupted_by_ != 0) {
       write_all(2, std::string("llava-run: interrupted by ") + strsignal(interrupted_by_) +
-                       "; forwarded it to the workers\n");
+                       "; forwarded it to the workers" + (config_.max_restarts > 0 ? " (no restart)" : "") + "\n");
       return 128 + interrupted_by_;
+    }
+    if (failure_) {
+      std::string message = "llava-run: " + failure_->describe();
+      if (config_.max_restarts > 0)
+        message += "; no restarts left (" + std::to_string(round) + " of --max_restarts " +
+                   std::to_string(config_.max_restarts) + " used)";
+      write_all(2, message + "\n");
+      return exit_code_of(failure_->status);
     }
     return 0;
   }
 
-  const LaunchConfig& config_;
+  LaunchConfig config_;  // a copy: --standalone renews master_port every round
   std::vector<Worker> workers_;
-  const Worker* failed_ = nullptr;  // the first worker that failed on its own
-  int stopped_others_ = 0;          // workers still running when it failed
+  std::optional<Failure> failure_;  // this round's
   int interrupted_by_ = 0;
   bool stopping_ = false;
   bool killed_ = false;
@@ -437,6 +486,7 @@ LaunchConfig parse_launch_args(const std::vector<std::string>& args) {
     config.shutdown_timeout_s =
         parsed.count("shutdown_timeout") ? parsed["shutdown_timeout"].as<double>() : default_shutdown_timeout();
     if (parsed.count("rdzv_id")) config.run_id = parsed["rdzv_id"].as<std::string>();
+    config.max_restarts = parsed["max_restarts"].as<int>();
     if (!parsed.unmatched().empty()) fail("llava-run", "unexpected argument '" + parsed.unmatched()[0] + "'");
   } catch (const cxxopts::exceptions::exception& e) {
     fail("llava-run options", e.what());
@@ -448,6 +498,12 @@ LaunchConfig parse_launch_args(const std::vector<std::string>& args) {
   check_range("nnodes", config.nnodes, 1, 1 << 20);
   check_range("node_rank", config.node_rank, 0, config.nnodes - 1);
   check_range("master_port", config.master_port, 0, 65535);
+  check_range("max_restarts", config.max_restarts, 0, 1'000'000);
+  // Each node's launcher only sees its own workers; restarting in the same round as the other nodes needs
+  // a rendezvous between the launchers (torchrun's c10d rendezvous), which llava-run does not have.
+  if (config.max_restarts > 0 && config.nnodes > 1)
+    fail("llava-run --max_restarts", "restarts are supported on a single node only, but --nnodes=" +
+                                         std::to_string(config.nnodes) + " (use torchrun's elastic agent for several nodes)");
   if (config.shutdown_timeout_s < 0) fail("llava-run --shutdown_timeout", "expected seconds >= 0");
   if (config.command.empty()) fail("llava-run", "no command to run (usage: llava-run [options] command [args...])");
   if (config.standalone) {
@@ -460,7 +516,8 @@ LaunchConfig parse_launch_args(const std::vector<std::string>& args) {
 }
 
 std::map<std::string, std::string> worker_env(const LaunchConfig& config, int local_rank,
-                                              const std::map<std::string, std::string>& parent_env) {
+                                              const std::map<std::string, std::string>& parent_env,
+                                              int restart_count) {
   int world_size = config.nnodes * config.nproc_per_node;
   std::string rank = std::to_string(config.node_rank * config.nproc_per_node + local_rank);
   std::map<std::string, std::string> env = {
@@ -475,8 +532,8 @@ std::map<std::string, std::string> worker_env(const LaunchConfig& config, int lo
       {"ROLE_WORLD_SIZE", std::to_string(world_size)},
       {"MASTER_ADDR", config.master_addr},
       {"MASTER_PORT", std::to_string(config.master_port)},
-      {"TORCHELASTIC_RESTART_COUNT", "0"},
-      {"TORCHELASTIC_MAX_RESTARTS", "0"},
+      {"TORCHELASTIC_RESTART_COUNT", std::to_string(restart_count)},
+      {"TORCHELASTIC_MAX_RESTARTS", std::to_string(config.max_restarts)},
       {"TORCHELASTIC_RUN_ID", config.run_id},
       {"TORCHELASTIC_USE_AGENT_STORE", "False"},  // no agent: rank 0 hosts the store
       {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"},

@@ -1,8 +1,10 @@
 // llava-run: a torchrun-style launcher for the workers of one node. It parses torchrun's options,
 // gives every worker torchrun's environment, prefixes each output line with the worker's rank,
-// forwards SIGINT/SIGTERM and, when one worker fails, stops the others and reports which one failed.
-// Workers are started directly (like `torchrun --no-python`); there is no elastic agent, no restarts
-// and no agent-hosted store: rank 0 hosts the TCPStore (TORCHELASTIC_USE_AGENT_STORE=False).
+// forwards SIGINT/SIGTERM and, when one worker fails, stops the others and reports which one failed;
+// with --max_restarts N it then starts every worker again (TORCHELASTIC_RESTART_COUNT + 1), up to N
+// times, on a single node. Workers are started directly (like `torchrun --no-python`); there is no
+// elastic agent and no agent-hosted store: rank 0 hosts the TCPStore (TORCHELASTIC_USE_AGENT_STORE=False),
+// a new one in every round (the workers key it by round, see dist_env.h).
 #pragma once
 #include <map>
 #include <string>
@@ -19,6 +21,7 @@ struct LaunchConfig {
   bool standalone = false;                // localhost and a free port, like torchrun --standalone
   double shutdown_timeout_s = 30;         // SIGTERM -> SIGKILL grace (torchrun: --shutdown-timeout)
   std::string run_id = "none";            // TORCHELASTIC_RUN_ID (torchrun's --rdzv-id default)
+  int max_restarts = 0;                   // restarts of the whole group after a worker failed (one node only)
   bool help = false;
   std::vector<std::string> command;       // the worker's argv
 };
@@ -29,14 +32,17 @@ struct LaunchConfig {
 LaunchConfig parse_launch_args(const std::vector<std::string>& args);
 std::string launch_usage();
 
-// The variables worker `local_rank` gets on top of the launcher's environment. `parent_env` is the
-// launcher's environment (a few torchrun variables inherit from it).
+// The variables worker `local_rank` gets on top of the launcher's environment in round `restart_count`
+// (0 = the first start). `parent_env` is the launcher's environment (a few torchrun variables inherit
+// from it).
 std::map<std::string, std::string> worker_env(const LaunchConfig& config, int local_rank,
-                                              const std::map<std::string, std::string>& parent_env);
+                                              const std::map<std::string, std::string>& parent_env,
+                                              int restart_count = 0);
 
-// Starts the workers and supervises them to the end. Returns the launcher's exit status: 0 when all
-// succeeded, else the failing worker's exit status (128+signal when it was killed), or 128+signal
-// when the launcher itself was interrupted.
+// Starts the workers and supervises them to the end, restarting the group up to max_restarts times
+// when a worker fails. Returns the launcher's exit status: 0 when all succeeded, else the status of the
+// worker whose failure used up the restarts (128+signal when it was killed), or 128+signal when the
+// launcher itself was interrupted (never restarted: a SIGTERM is a preemption).
 int run_workers(const LaunchConfig& config);
 
 // A TCP port on localhost that was free a moment ago (bound to port 0, then released).
