@@ -1,5 +1,6 @@
 #include "train/config.h"
 
+#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -248,9 +249,20 @@ void check_against_model_and_data(const TrainConfig& c, const model::LlavaConfig
   if (c.data.model_max_length > m.text.max_position_embeddings)
     bad("model_max_length", std::to_string(c.data.model_max_length) + " is more than the model's max_position_embeddings " +
                                 std::to_string(m.text.max_position_embeddings));
-  if (c.lora_enable && c.lora_r > m.text.hidden_size)
-    bad("lora_r", std::to_string(c.lora_r) + " is more than the model's hidden_size " +
-                      std::to_string(m.text.hidden_size) + " (a rank above it adds nothing)");
+  // lora_r above a layer's width is wasteful but legal (PEFT takes it, tiny test models use it); a rank
+  // whose adapters and their optimizer state cannot fit in this machine's memory is refused here, before
+  // anything is allocated (an upper bound: LoRA on every Linear of every decoder layer).
+  if (c.lora_enable) {
+    const auto& t = m.text;
+    const double per_layer = 4.0 * t.hidden_size + 2.0 * t.num_attention_heads * t.head_dim +
+                             2.0 * t.num_key_value_heads * t.head_dim + 3.0 * (t.hidden_size + t.intermediate_size);
+    const double bytes = 16.0 * static_cast<double>(c.lora_r) * per_layer * static_cast<double>(t.num_hidden_layers);
+    const double available = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGE_SIZE));
+    if (available > 0 && bytes > available)
+      bad("lora_r", std::to_string(c.lora_r) + " needs up to " + std::to_string(static_cast<int64_t>(bytes / (1 << 30))) +
+                        " GiB for the adapters with their gradients and Adam state (fp32), more than this machine's " +
+                        std::to_string(static_cast<int64_t>(available / (1 << 30))) + " GiB of memory");
+  }
   // Sizes the data cannot take. Like torch's DistributedSampler, an epoch is padded to whole global
   // batches with samples from the start of its order (dataloader_drop_last: the rest is dropped). A global
   // batch that needs more padding than the data set has samples (more than twice its size) is a config
