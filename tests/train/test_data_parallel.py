@@ -113,14 +113,14 @@ def test_ranks_and_zero_stages_equal_one_process(world, single, ranks, zero):
         assert sum(z["optimizer_state_bytes"]) == total
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_real_torchrun_equals_llava_run(world, ranks):
     """The venv's torchrun (its agent hosts the TCPStore; every rank connects as a client) launching
     `llava train` directly: LoRA under ZeRO 2 ends with the same weights, bit for bit, as under llava-run."""
     s = {**STAGES["lora"], "zero_stage": 2}
     _, want, want_w = train(world, f"lora_{ranks}r_llava_run", ranks, s)
     stdout, got, got_w = train(world, f"lora_{ranks}r_torchrun", ranks, s, launcher="torchrun")
-    assert f"x {ranks} ranks" in stdout and "ZeRO 2" in stdout
+    assert f"x {ranks} rank" in stdout and "ZeRO 2" in stdout
     assert [m["loss"] for m in got["steps"]] == [m["loss"] for m in want["steps"]]
     for r in range(ranks):
         assert sorted(got_w[r]) == sorted(want_w[r])
