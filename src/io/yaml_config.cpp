@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <regex>
+#include <sstream>
+
+#include <yaml-cpp/eventhandler.h>
 
 #include "io/file_util.h"
 #include "io/safetensors.h"
@@ -191,20 +194,41 @@ std::string printable(const std::string& text) {
   return out;
 }
 
+// Where the text's second document starts (its 1-based line), or 0 when it has one document. A parser
+// that only counts documents: yaml-cpp's LoadAll loops forever on some malformed text (e.g. ",a: m\n---.b"
+// yields empty documents without consuming input), so no more than two documents are ever asked for.
+int second_document_line(const std::string& text) {
+  struct DocumentStarts : YAML::EventHandler {
+    int line = 0;
+    void OnDocumentStart(const YAML::Mark& mark) override { line = mark.line + 1; }
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+    void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+    void OnMapEnd() override {}
+  } starts;
+  std::istringstream in(text);
+  YAML::Parser parser(in);
+  if (!parser.HandleNextDocument(starts)) return 0;
+  return parser.HandleNextDocument(starts) ? std::max(starts.line, 1) : 0;
+}
+
 YAML::Node parse_yaml_text(const std::string& text, const std::string& where) {
   check_nesting(text, where);
-  std::vector<YAML::Node> documents;
+  YAML::Node document;
   try {
-    documents = YAML::LoadAll(text);
+    if (const int line = second_document_line(text))
+      fail(where, "line " + std::to_string(line) + ": a second YAML document; a config is one document");
+    document = YAML::Load(text);
   } catch (const YAML::Exception& e) {  // DeepRecursion included, should the scan above miss a shape
     fail(where, "not valid YAML: " + yaml_message(e));
   }
-  if (documents.size() > 1)
-    fail(where, "line " + std::to_string(line_of(documents[1])) + ": a second YAML document; a config is one document");
-  if (documents.empty()) return YAML::Node();
   size_t visited = 0;
-  check_unique_keys(documents[0], where, 0, visited);
-  return documents[0];
+  check_unique_keys(document, where, 0, visited);
+  return document;
 }
 
 YAML::Node load_yaml_config(const std::string& path) { return parse_yaml_text(read_input_file(path, InputKind::kYamlConfig), path); }
