@@ -38,5 +38,6 @@ make_venv() {  # dir, check-import, packages...
 }
 make_venv .venv "import torch, transformers, peft, safetensors, sentencepiece, PIL, numpy, pytest" "${ORACLE_PACKAGES[@]}"
 if [ "${1:-}" = "--cuda" ]; then
-  make_venv .venv-cuda "import torch; assert torch.version.cuda, 'not a CUDA wheel'" "${CUDA_PACKAGES[@]}"
+  make_venv .venv-cuda "import warnings; warnings.simplefilter('ignore'); import torch; assert torch.version.cuda, 'not a CUDA wheel'" \
+    "${CUDA_PACKAGES[@]}"  # (ignore: torch warns that this venv has no numpy, which nothing here needs)
 fi
