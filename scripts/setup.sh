@@ -11,7 +11,8 @@ SYSTEM_PACKAGES=(cmake ninja-build g++ ccache pkg-config libgloo-dev catch2 libc
                  nlohmann-json3-dev libyaml-cpp-dev libsentencepiece-dev libstb-dev
                  clang libclang-rt-14-dev)  # clang + libFuzzer: the fuzz build
 # Pinned so reference outputs do not move under us. torch 2.13.0 is the local CPU wheel.
-ORACLE_PACKAGES=(torch==2.13.0 transformers==5.24.0 peft==0.21.2 safetensors accelerate sentencepiece pillow numpy pytest)
+ORACLE_PACKAGES=(torch==2.13.0 transformers==5.24.0 peft==0.21.2 safetensors accelerate sentencepiece pillow numpy pytest
+                 deepspeed==0.19.8)  # DeepSpeed: the interop tests run it on CPU (DS_ACCELERATOR=cpu)
 CUDA_PACKAGES=(torch==2.14.1)  # the local CUDA 13.0 wheel (~5.5 GB with its nvidia-* packages)
 
 missing=()
