@@ -13,7 +13,7 @@ import torch
 
 from test_train_features import LORA, command, finished, wait_for, worker_pids, world  # noqa: F401 (fixture)
 
-STEPS = 120  # enough that 12 kills land before the run ends, on a fast machine too
+STEPS = 120  # 12 kills cost at most ~48 steps of progress (see Chaos), whatever the machine's speed
 RUN = {**LORA, "max_steps": STEPS, "save_strategy": "steps", "save_steps": 1, "save_total_limit": 2,
        "resume_from_checkpoint": "auto"}
 
@@ -53,9 +53,23 @@ def partial_folders(out_dir):
     return {(p.name, p.stat().st_ino) for p in out_dir.glob(".checkpoint-*.partial") if p.exists()}
 
 
+def newest_checkpoint(out_dir):
+    steps = [int(p.name.split("-")[1]) for p in out_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
+
+
+def wait_until(condition, seconds):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.001)
+
+
 class Chaos(threading.Thread):
     """SIGKILLs one random worker per round, cycling through three moments: early (within 1.5 s of the round's
-    workers appearing: loading, rendezvous), during a save (a new .partial folder exists) and at random."""
+    workers appearing: loading, rendezvous; cut short by the round's first save), during a save (a new .partial
+    folder exists) and at random (after 1-3 new checkpoints, a few ms into the next step). Every moment is bounded
+    in training PROGRESS, not in seconds, so a fast machine cannot finish the run before the kills are done
+    (120 steps, at most ~4 per round: 12 kills need at most ~48)."""
 
     def __init__(self, launcher, out_dir, kills, seed):
         super().__init__(daemon=True)
@@ -74,6 +88,18 @@ class Chaos(threading.Thread):
             time.sleep(0.005)
         return None
 
+    def wait_for_moment(self, moment, old_partials, round_start):
+        ended = lambda: self.launcher.poll() is not None  # noqa: E731
+        saving = lambda: ended() or bool(partial_folders(self.out_dir) - old_partials)  # noqa: E731
+        if moment == "early":
+            wait_until(lambda: saving() or newest_checkpoint(self.out_dir) > round_start, self.rng.uniform(0.0, 1.5))
+        elif moment == "random":
+            target = round_start + self.rng.randint(1, 3)
+            wait_until(lambda: ended() or newest_checkpoint(self.out_dir) >= target, 120)
+            time.sleep(self.rng.uniform(0.0, 0.05))
+        else:
+            wait_until(saving, 120)
+
     def run(self):
         try:
             seen = set()
@@ -84,14 +110,7 @@ class Chaos(threading.Thread):
                 seen |= set(pids)
                 moment = ["early", "save", "random"][len(self.kills) % 3]
                 old_partials = partial_folders(self.out_dir)
-                if moment == "early":
-                    time.sleep(self.rng.uniform(0.0, 1.5))
-                elif moment == "random":
-                    time.sleep(self.rng.uniform(0.0, 2.5))
-                else:
-                    deadline = time.time() + 60
-                    while not partial_folders(self.out_dir) - old_partials and time.time() < deadline:
-                        time.sleep(0.001)
+                self.wait_for_moment(moment, old_partials, newest_checkpoint(self.out_dir))
                 in_save = bool(partial_folders(self.out_dir) - old_partials)
                 try:
                     os.kill(self.rng.choice(pids), signal.SIGKILL)
