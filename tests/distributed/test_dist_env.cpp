@@ -170,12 +170,17 @@ TEST_CASE("llava-run --max_restarts: both spellings, the round in the workers' e
   CHECK(third["MASTER_PORT"] == first["MASTER_PORT"]);  // a fixed --master_port stays (other nodes know it)
 }
 
-TEST_CASE("llava-run --max_restarts: bad values and several nodes are refused clearly", "[dist][launcher]") {
+TEST_CASE("llava-run --max_restarts, --join_timeout and --rdzv_conf: bad values are refused clearly", "[dist][launcher]") {
   CHECK_THROWS_WITH(launcher::parse_launch_args({"--max_restarts=-1", "x"}),
                     Catch::Contains("--max_restarts") && Catch::Contains("got -1"));
   CHECK_THROWS_WITH(launcher::parse_launch_args({"--max_restarts=many", "x"}), Catch::Contains("many"));
-  CHECK_THROWS_WITH(launcher::parse_launch_args({"--nnodes=2", "--max_restarts=1", "x"}),
-                    Catch::Contains("--max_restarts") && Catch::Contains("single node only") &&
-                        Catch::Contains("--nnodes=2"));
-  CHECK(launcher::parse_launch_args({"--nnodes=2", "--max_restarts=0", "x"}).nnodes == 2);  // no restarts: fine
+  CHECK_THROWS_WITH(launcher::parse_launch_args({"--join_timeout=0", "x"}), Catch::Contains("--join_timeout"));
+  CHECK_THROWS_WITH(launcher::parse_launch_args({"--rdzv_conf=read_timeout=5", "x"}),
+                    Catch::Contains("--rdzv_conf") && Catch::Contains("read_timeout=5"));
+  CHECK_THROWS_WITH(launcher::parse_launch_args({"--rdzv-conf", "join_timeout=soon", "x"}),
+                    Catch::Contains("--rdzv_conf") && Catch::Contains("soon"));
+  CHECK(launcher::parse_launch_args({"--rdzv-conf", "join_timeout=42", "x"}).join_timeout_s == 42);
+  CHECK(launcher::parse_launch_args({"x"}).join_timeout_s == 600);  // torchrun's default
+  auto two_nodes = launcher::parse_launch_args({"--nnodes=2", "--node_rank=1", "--max_restarts=3", "x"});
+  CHECK((two_nodes.nnodes == 2 && two_nodes.max_restarts == 3));  // several nodes restart together
 }

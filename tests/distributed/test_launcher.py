@@ -222,3 +222,54 @@ def test_sigterm_to_the_launcher_is_a_preemption_not_a_failure(tmp_path):
     assert "interrupted by Terminated; forwarded it to the workers (no restart)" in err and "restarting" not in err
     for r in range(2):
         assert (tmp_path / f"term{r}").read_text().strip() == "term"
+
+
+def two_nodes(tmp_path, script, *options, nodes=(0, 1), join_timeout=30):
+    """Two "nodes" on loopback: one llava-run per node rank, 2 workers each, linked at a fixed --master_port."""
+    port = free_port()
+    return [launch(["--nnodes=2", f"--node_rank={n}", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                    f"--master_port={port}", f"--join_timeout={join_timeout}", "--shutdown_timeout=5", *options,
+                    "sh", "-c", script]) for n in nodes], port
+
+
+def test_two_nodes_restart_together_in_the_same_round(tmp_path):
+    # Rank 3 (node 1) fails in rounds 0 and 1: node 0's workers are stopped too, both nodes start round 1, then 2.
+    script = FLAKY_WORKER.format(d=tmp_path, fail_below=2).replace("[ $RANK = 1 ]", "[ $RANK = 3 ]")
+    procs, link_port = two_nodes(tmp_path, script, "--max_restarts=3")
+    results = [p.communicate(timeout=90) for p in procs]
+    for node, (p, (out, err)) in enumerate(zip(procs, results)):
+        print(f"\nnode {node}: exit {p.returncode}; stderr:\n{err.strip()}")
+        assert p.returncode == 0, err
+        assert "restarting every worker (restart 1 of 3)" in err and "restarting every worker (restart 2 of 3)" in err
+        assert err.count("worker rank 3 (node 1, local rank 1") == 2 and "(its last error line: boom in round 1)" in err
+        assert "restart 3 of 3" not in err
+    got = {rank: rounds(tmp_path / f"rounds{rank}") for rank in range(4)}
+    for rank in range(4):
+        assert [r[0] for r in got[rank]] == ["0", "1", "2"] and {r[2] for r in got[rank]} == {"3"}, got
+    for k in range(3):  # one store per round, the same for all four ranks, never the link's port
+        assert len({got[rank][k][1] for rank in range(4)}) == 1, got
+    assert len({got[0][k][1] for k in range(3)} | {str(link_port)}) == 4
+
+
+def test_two_nodes_out_of_restarts_end_alike_naming_the_rank(tmp_path):
+    script = FLAKY_WORKER.format(d=tmp_path, fail_below=99).replace("[ $RANK = 1 ]", "[ $RANK = 3 ]")
+    procs, _ = two_nodes(tmp_path, script, "--max_restarts=1")
+    for node, p in enumerate(procs):
+        out, err = p.communicate(timeout=90)
+        last = err.strip().splitlines()[-1]
+        print(f"\nnode {node}: exit {p.returncode}; last line: {last}")
+        assert p.returncode == 7, err
+        assert last.startswith("llava-run: worker rank 3 (node 1, local rank 1, pid "), last
+        assert last.endswith("(its last error line: boom in round 1); stopped the other 1 running worker(s); "
+                             "no restarts left (1 of --max_restarts 1 used)"), last
+
+
+def test_a_node_that_never_comes_is_named_within_join_timeout(tmp_path):
+    for node, needle in [(0, "node(s) 1 did not join round 0: not within --join_timeout 2 s"),
+                         (1, "node 0's llava-run did not answer at 127.0.0.1:")]:
+        (proc,), _ = two_nodes(tmp_path, "exit 0", "--max_restarts=1", nodes=(node,), join_timeout=2)
+        start = time.time()
+        out, err = proc.communicate(timeout=30)
+        print(f"\nonly node {node}: exit {proc.returncode} after {time.time() - start:.1f}s: {err.strip()}")
+        assert proc.returncode == 1 and err.startswith("error: llava-run (node ") and needle in err, err
+        assert time.time() - start < 15

@@ -189,3 +189,41 @@ def test_sigterm_to_the_launcher_saves_and_does_not_restart(world):
     assert "restarting" not in text and text.count("training:") == 1  # one round only
     saved = int(text.split("saved checkpoint-")[1].split(",")[0])
     assert (world["root"] / name / f"checkpoint-{saved}" / "trainer_state.json").exists()
+
+
+def test_two_nodes_on_loopback_restart_in_the_same_round_and_end_bitwise(world):
+    """Two "nodes" (one llava-run each, 1 worker per node) linked at a fixed --master_port: a SIGKILL on
+    node 1 and later one on node 0 restart the workers of BOTH nodes, in the same round, from the newest
+    checkpoint; both launchers exit 0 and the weights equal the uninterrupted 2-rank run's."""
+    reference(world)
+    name = "ft_nodes"
+    out_dir = world["root"] / name
+    port = free_port()
+    base = command(world, name, RUN, 2)
+    train = base[base.index("--nproc_per_node=2") + 1:]
+    procs, logs = [], []
+    for node in range(2):
+        logs.append(world["root"] / f"{name}.node{node}.log")
+        launcher = [base[0], "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                    f"--master_port={port}", "--max_restarts=3", "--shutdown_timeout=2", "--join_timeout=60", *train]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as llava-run sets for the 2 workers of the reference run
+        procs.append(subprocess.Popen(launcher, stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT, env=env))
+    killed = []
+    for node in (1, 0):  # a follower's worker, then the leader's: each after one more checkpoint
+        seen = newest_checkpoint(out_dir)
+        wait_until(lambda: newest_checkpoint(out_dir) >= seen + 2 or any(p.poll() is not None for p in procs), 120)
+        pid = worker_pids(procs[node])[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append((node, pid))
+        wait_until(lambda: worker_pids(procs[node]) not in ([], [pid]), 60)  # the next round began
+    codes = [p.wait(timeout=600) for p in procs]
+    texts = [log.read_text() for log in logs]
+    print(f"\ntwo nodes, SIGKILLs {killed}: exits {codes}; restarts per node "
+          f"{[t.count('restarting every worker') for t in texts]}")
+    for node, text in enumerate(texts):
+        assert codes[node] == 0, text[-3000:]
+        assert "restarting every worker (restart 1 of 3)" in text and "restarting every worker (restart 2 of 3)" in text
+        assert "restart 3 of 3" not in text
+        assert "worker rank 1 (node 1, local rank 0" in text and "worker rank 0 (node 0, local rank 0" in text
+        assert "address already in use" not in text.lower()
+    assert_bitwise(world, name)

@@ -20,6 +20,7 @@
 #include <random>
 #include <set>
 
+#include "distributed/launcher/node_link.h"
 #include "io/command_line.h"
 #include "io/error.h"
 
@@ -54,8 +55,11 @@ cxxopts::Options make_options() {
       cxxopts::value<double>());
   add(both_spellings("rdzv_id"), "run id (TORCHELASTIC_RUN_ID)", cxxopts::value<std::string>());
   add(both_spellings("max_restarts"),
-      "when a worker fails, stop the others and start every worker again, up to this many times (one node only)",
+      "when a worker fails, stop the others and start every worker again, up to this many times (every node together)",
       cxxopts::value<int>()->default_value("0"));
+  add(both_spellings("join_timeout"), "several nodes with --max_restarts: seconds to wait for the other nodes' launchers",
+      cxxopts::value<double>()->default_value("600"));
+  add(both_spellings("rdzv_conf"), "torchrun's rendezvous settings; only join_timeout=S is used", cxxopts::value<std::string>());
   add(both_spellings("no_python"), "accepted for torchrun compatibility: llava-run always runs the command as is");
   add("h,help", "print this help");
   return options;
@@ -64,7 +68,7 @@ cxxopts::Options make_options() {
 bool takes_value(const std::string& arg) {
   static const std::set<std::string> value_options = {"nproc_per_node", "nnodes",          "node_rank", "master_addr",
                                                       "master_port",    "shutdown_timeout", "rdzv_id",
-                                                      "max_restarts"};
+                                                      "max_restarts",   "join_timeout",     "rdzv_conf"};
   std::string name = arg.substr(arg.find_first_not_of('-'));
   if (name.find('=') != std::string::npos) return false;  // --name=value
   std::replace(name.begin(), name.end(), '-', '_');
@@ -113,6 +117,27 @@ int parse_nnodes(const std::string& text) {
   }
   if (used == 0 || used != text.size()) fail("llava-run --nnodes", "expected an integer, got '" + text + "'");
   return value;
+}
+
+// torchrun's --rdzv-conf "key=value,...": join_timeout is the one that means something here.
+void apply_rdzv_conf(const std::string& text, LaunchConfig& config) {
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t comma = std::min(text.find(',', start), text.size());
+    std::string item = text.substr(start, comma - start);
+    size_t eq = item.find('=');
+    std::string key = item.substr(0, eq);
+    if (eq == std::string::npos || key != "join_timeout")
+      fail("llava-run --rdzv_conf", "expected join_timeout=<seconds>, got '" + item + "'");
+    try {
+      size_t used = 0;
+      config.join_timeout_s = std::stod(item.substr(eq + 1), &used);
+      if (used != item.size() - eq - 1) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      fail("llava-run --rdzv_conf", "join_timeout: expected seconds, got '" + item.substr(eq + 1) + "'");
+    }
+    start = comma + 1;
+  }
 }
 
 double default_shutdown_timeout() {
@@ -287,10 +312,12 @@ struct Failure {
   int status = 0;           // its waitpid status
   std::string last_line;    // the last line it wrote to stderr
   int stopped_others = 0;   // workers still running when it failed
+  int node = -1;            // its node, named when there are several
 
   std::string describe() const {
-    std::string text = "worker rank " + std::to_string(rank) + " (local rank " + std::to_string(local_rank) +
-                       ", pid " + std::to_string(pid) + ") failed: it " + describe_status(status);
+    std::string text = "worker rank " + std::to_string(rank) + " (" +
+                       (node >= 0 ? "node " + std::to_string(node) + ", " : "") + "local rank " +
+                       std::to_string(local_rank) + ", pid " + std::to_string(pid) + ") failed: it " + describe_status(status);
     if (!last_line.empty()) text += " (its last error line: " + last_line.substr(0, 300) + ")";
     if (stopped_others > 0) text += "; stopped the other " + std::to_string(stopped_others) + " running worker(s)";
     return text;
@@ -302,25 +329,77 @@ class Supervisor {
   Supervisor(const LaunchConfig& config) : config_(config) {}
 
   // Rounds of the whole group: a failed round is followed by a new one while restarts are left,
-  // unless the launcher itself was interrupted (a preemption is not a failure).
+  // unless the launcher itself was interrupted (a preemption is not a failure). Several nodes with
+  // restarts: node 0's launcher decides for all (node_link.h).
   int run() {
     install_signal_handlers();
     const auto parent_env = current_environment();
+    try {
+      if (config_.nnodes > 1 && config_.max_restarts > 0)
+        link_ = std::make_unique<NodeLink>(config_, g_signal_pipe[0]);
+      return link_ ? run_linked_rounds(parent_env) : run_rounds(parent_env);
+    } catch (const Interrupted& interrupted) {  // while waiting for the other nodes: no worker runs
+      write_all(2, std::string("llava-run: interrupted by ") + strsignal(interrupted.signal_number) +
+                       " while waiting for the other nodes (no restart)\n");
+      return 128 + interrupted.signal_number;
+    }
+  }
+
+ private:
+  int run_rounds(const std::map<std::string, std::string>& parent_env) {
     for (int round = 0;; ++round) {
       run_round(round, parent_env);
       if (!failure_ || interrupted_by_ != 0 || round == config_.max_restarts) return report(round);
-      write_all(2, "llava-run: " + failure_->describe() + "; restarting every worker (restart " +
-                       std::to_string(round + 1) + " of " + std::to_string(config_.max_restarts) + ")\n");
+      announce_restart(failure_->describe(), round + 1);
       // --standalone owns its port: a fresh one per round, so no socket of the last round can be in the way.
       if (config_.standalone) config_.master_port = pick_free_port();
     }
   }
 
- private:
+  int run_linked_rounds(const std::map<std::string, std::string>& parent_env) {
+    for (int round = 0;; ++round) {
+      std::optional<int> store_port = link_->start_round(round);
+      if (!store_port) return end_linked(link_->final_decision(), round);
+      config_.master_port = *store_port;  // this round's workers' store (the link keeps --master_port)
+      run_round(round, parent_env);
+      Decision decision = link_->finish_round(round, local_outcome());
+      if (!decision.restart) return end_linked(decision, round);
+      announce_restart(decision.text, round + 1);
+    }
+  }
+
+  void announce_restart(const std::string& failure, int restart) const {
+    write_all(2, "llava-run: " + failure + "; restarting every worker (restart " + std::to_string(restart) + " of " +
+                     std::to_string(config_.max_restarts) + ")\n");
+  }
+
+  RoundOutcome local_outcome() const {
+    std::string node = "on node " + std::to_string(config_.node_rank) + ": ";
+    if (interrupted_by_ != 0)
+      return {RoundOutcome::kPreempted, 128 + interrupted_by_,
+              node + "llava-run was interrupted by " + strsignal(interrupted_by_)};
+    if (failure_) return {RoundOutcome::kFailed, exit_code_of(failure_->status), failure_->describe()};
+    if (remote_stop_) return {RoundOutcome::kStopped, 1, *remote_stop_};
+    return {};
+  }
+
+  int end_linked(const Decision& decision, int round) const {
+    if (decision.exit_code == 0) return 0;
+    std::string message = "llava-run: " + decision.text;
+    if (decision.exit_code > 128 && decision.text.find("interrupted") != std::string::npos)
+      message += " (no restart)";
+    else
+      message += "; no restarts left (" + std::to_string(round) + " of --max_restarts " +
+                 std::to_string(config_.max_restarts) + " used)";
+    write_all(2, message + "\n");
+    return decision.exit_code;
+  }
+
   void run_round(int round, const std::map<std::string, std::string>& parent_env) {
     workers_.clear();
     workers_.reserve(static_cast<size_t>(config_.nproc_per_node));  // Stream pointers stay valid
     failure_.reset();
+    remote_stop_.reset();
     stopping_ = killed_ = false;
     for (int local_rank = 0; local_rank < config_.nproc_per_node; ++local_rank) {
       workers_.push_back({});
@@ -361,12 +440,14 @@ class Supervisor {
           fds.push_back({s->fd, POLLIN, 0});
           streams.push_back(s);
         }
+    if (link_) link_->add_poll_fds(fds);
     int timeout = poll_timeout_ms();
     int ready = poll(fds.data(), fds.size(), timeout);
     if (ready < 0 && errno != EINTR) fail("llava-run", std::string("poll: ") + strerror(errno));
+    if (link_ && ready > 0) stop_for_other_node(link_->handle_poll(fds));
 
     if (ready == 0 && !any_running()) close_leftover_streams();
-    for (size_t i = 1; i < fds.size(); ++i)
+    for (size_t i = 1; i < streams.size(); ++i)
       if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) streams[i]->read_available(owner_prefix(streams[i]));
     if (fds[0].revents & POLLIN) handle_signals();
     reap();
@@ -374,6 +455,13 @@ class Supervisor {
       signal_all(SIGKILL);
       killed_ = true;
     }
+  }
+
+  // Another node's worker failed (or its launcher was lost): stop ours; the leader decides what follows.
+  void stop_for_other_node(const std::optional<std::string>& why) {
+    if (!why || stopping_) return;
+    remote_stop_ = *why;
+    begin_stop(SIGTERM);
   }
 
   std::string owner_prefix(const Stream* stream) const {
@@ -402,6 +490,7 @@ class Supervisor {
       } else {
         interrupted_by_ = byte;
         begin_stop(byte);
+        if (link_) link_->report_failure(local_outcome().text);
       }
     }
   }
@@ -419,7 +508,9 @@ class Supervisor {
           failure_ = Failure{w.rank, w.local_rank, w.pid, status, "",
                              static_cast<int>(std::count_if(workers_.begin(), workers_.end(),
                                                             [](const Worker& other) { return other.running; }))};
+          if (config_.nnodes > 1) failure_->node = config_.node_rank;
           begin_stop(SIGTERM);
+          if (link_) link_->report_failure(failure_->describe());
         }
       }
     }
@@ -456,6 +547,8 @@ class Supervisor {
   LaunchConfig config_;  // a copy: --standalone renews master_port every round
   std::vector<Worker> workers_;
   std::optional<Failure> failure_;  // this round's
+  std::unique_ptr<NodeLink> link_;  // several nodes with restarts
+  std::optional<std::string> remote_stop_;  // this round was stopped for another node's failure
   int interrupted_by_ = 0;
   bool stopping_ = false;
   bool killed_ = false;
@@ -487,6 +580,8 @@ LaunchConfig parse_launch_args(const std::vector<std::string>& args) {
         parsed.count("shutdown_timeout") ? parsed["shutdown_timeout"].as<double>() : default_shutdown_timeout();
     if (parsed.count("rdzv_id")) config.run_id = parsed["rdzv_id"].as<std::string>();
     config.max_restarts = parsed["max_restarts"].as<int>();
+    config.join_timeout_s = parsed["join_timeout"].as<double>();
+    if (parsed.count("rdzv_conf")) apply_rdzv_conf(parsed["rdzv_conf"].as<std::string>(), config);
     if (!parsed.unmatched().empty()) fail("llava-run", "unexpected argument '" + parsed.unmatched()[0] + "'");
   } catch (const cxxopts::exceptions::exception& e) {
     fail("llava-run options", e.what());
@@ -499,11 +594,8 @@ LaunchConfig parse_launch_args(const std::vector<std::string>& args) {
   check_range("node_rank", config.node_rank, 0, config.nnodes - 1);
   check_range("master_port", config.master_port, 0, 65535);
   check_range("max_restarts", config.max_restarts, 0, 1'000'000);
-  // Each node's launcher only sees its own workers; restarting in the same round as the other nodes needs
-  // a rendezvous between the launchers (torchrun's c10d rendezvous), which llava-run does not have.
-  if (config.max_restarts > 0 && config.nnodes > 1)
-    fail("llava-run --max_restarts", "restarts are supported on a single node only, but --nnodes=" +
-                                         std::to_string(config.nnodes) + " (use torchrun's elastic agent for several nodes)");
+  if (!(config.join_timeout_s > 0 && config.join_timeout_s <= 86400))
+    fail("llava-run --join_timeout", "expected seconds in (0, 86400], got " + std::to_string(config.join_timeout_s));
   if (config.shutdown_timeout_s < 0) fail("llava-run --shutdown_timeout", "expected seconds >= 0");
   if (config.command.empty()) fail("llava-run", "no command to run (usage: llava-run [options] command [args...])");
   if (config.standalone) {
@@ -552,7 +644,7 @@ int pick_free_port() {
   if (fd < 0) fail("llava-run --standalone", std::string("socket: ") + strerror(errno));
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);  // free on every interface: other nodes connect to it too
   addr.sin_port = 0;
   socklen_t length = sizeof addr;
   bool ok = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&

@@ -2,7 +2,7 @@
 // gives every worker torchrun's environment, prefixes each output line with the worker's rank,
 // forwards SIGINT/SIGTERM and, when one worker fails, stops the others and reports which one failed;
 // with --max_restarts N it then starts every worker again (TORCHELASTIC_RESTART_COUNT + 1), up to N
-// times, on a single node. Workers are started directly (like `torchrun --no-python`); there is no
+// times; on several nodes the launchers restart together through node 0's (node_link.h). Workers are started directly (like `torchrun --no-python`); there is no
 // elastic agent and no agent-hosted store: rank 0 hosts the TCPStore (TORCHELASTIC_USE_AGENT_STORE=False),
 // a new one in every round (the workers key it by round, see dist_env.h).
 #pragma once
@@ -21,7 +21,8 @@ struct LaunchConfig {
   bool standalone = false;                // localhost and a free port, like torchrun --standalone
   double shutdown_timeout_s = 30;         // SIGTERM -> SIGKILL grace (torchrun: --shutdown-timeout)
   std::string run_id = "none";            // TORCHELASTIC_RUN_ID (torchrun's --rdzv-id default)
-  int max_restarts = 0;                   // restarts of the whole group after a worker failed (one node only)
+  int max_restarts = 0;                   // restarts of the whole group after a worker failed
+  double join_timeout_s = 600;            // several nodes: how long a launcher waits for the others (torchrun's default)
   bool help = false;
   std::vector<std::string> command;       // the worker's argv
 };
@@ -45,7 +46,7 @@ std::map<std::string, std::string> worker_env(const LaunchConfig& config, int lo
 // launcher itself was interrupted (never restarted: a SIGTERM is a preemption).
 int run_workers(const LaunchConfig& config);
 
-// A TCP port on localhost that was free a moment ago (bound to port 0, then released).
+// A TCP port that was free on every interface a moment ago (bound to port 0, then released).
 int pick_free_port();
 
 }  // namespace llava::launcher
