@@ -273,3 +273,16 @@ def test_a_node_that_never_comes_is_named_within_join_timeout(tmp_path):
         print(f"\nonly node {node}: exit {proc.returncode} after {time.time() - start:.1f}s: {err.strip()}")
         assert proc.returncode == 1 and err.startswith("error: llava-run (node ") and needle in err, err
         assert time.time() - start < 15
+
+
+def test_sigterm_to_one_node_stops_every_node_without_restart(tmp_path):
+    procs, _ = two_nodes(tmp_path, PATIENT_WORKER.format(d=tmp_path), "--max_restarts=5")
+    wait_for_files([tmp_path / f"pid{r}" for r in range(4)])
+    procs[1].send_signal(signal.SIGTERM)
+    for node, p in enumerate(procs):
+        out, err = p.communicate(timeout=60)
+        print(f"\nSIGTERM to node 1's llava-run; node {node}: exit {p.returncode}: {err.strip()}")
+        assert p.returncode == 128 + signal.SIGTERM, err
+        assert "on node 1: llava-run was interrupted by Terminated (no restart)" in err and "restarting" not in err
+    for r in range(4):
+        assert (tmp_path / f"term{r}").read_text().strip() == "term"
