@@ -5,12 +5,14 @@
 //   dist_worker stall                rank 1 joins but never enters the allreduce; rank 0 must time out
 //   dist_worker die                  rank 1 dies after joining; rank 0's allreduce must fail
 // Any llava::Error is printed as "error: <message>" with exit status 1, like the llava binary.
+// LLAVA_DIST_DEVICE=cuda puts every tensor on cuda:LOCAL_RANK, so the backend is NCCL (scripts/gpu-check.sh).
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -28,14 +30,16 @@ namespace {
 
 // Rank r's input for test `seed`: exact float32 values k/7 (k an integer), which the Python side
 // rebuilds bit for bit. Sums of them round, so the order of summation shows in the last bits.
+torch::Device g_device = torch::kCPU;  // where the collectives' tensors live
+
 torch::Tensor input(int seed, int rank, int64_t n) {
   auto i = torch::arange(n, torch::kInt64);
   auto k = (i * 7919 + rank * 104729 + seed * 31337).remainder(2001) - 1000;
-  return k.to(torch::kFloat32).div(7.0);
+  return k.to(torch::kFloat32).div(7.0).to(g_device);
 }
 
 std::vector<double> values(const torch::Tensor& t) {
-  auto flat = t.to(torch::kFloat64).contiguous().reshape({-1});
+  auto flat = t.to(torch::kCPU).to(torch::kFloat64).contiguous().reshape({-1});
   return std::vector<double>(flat.data_ptr<double>(), flat.data_ptr<double>() + flat.numel());
 }
 
@@ -95,13 +99,13 @@ nlohmann::json run_collectives(dist::Communicator& comm, const fs::path& out_dir
   // parameter (param p, element j = 100*p + j) with -1 in the padding.
   std::vector<dist::ParamSpec> params = {{"a", 10}, {"b", 7}, {"c", 1}, {"d", 13}};
   auto layout = dist::make_zero_layout(params, world);
-  auto shard = torch::full({layout.shard_numel}, -1.0f);
+  auto shard = torch::full({layout.shard_numel}, -1.0f, torch::TensorOptions(g_device));
   for (const auto& range : layout.rank_ranges[rank]) {
     int64_t p = std::find_if(params.begin(), params.end(), [&](auto& s) { return s.name == range.name; }) - params.begin();
-    auto ids = torch::arange(range.param_offset, range.param_offset + range.length, torch::kFloat32);
+    auto ids = torch::arange(range.param_offset, range.param_offset + range.length, torch::kFloat32).to(g_device);
     shard.narrow(0, range.shard_offset, range.length).copy_(ids + 100.0 * p);
   }
-  auto flat = torch::empty({layout.padded_numel()});
+  auto flat = torch::empty({layout.padded_numel()}, torch::TensorOptions(g_device));
   comm.all_gather_into(flat, shard);
   results["zero_all_gather"] = values(flat);
   return results;
@@ -116,6 +120,10 @@ int run(int argc, char** argv) {
   }
   dist::CommOptions options;
   options.group_for_single_rank = true;  // test the backend with one rank too
+  if (const char* device = std::getenv("LLAVA_DIST_DEVICE"); device && std::string(device) == "cuda") {
+    if (!torch::cuda::is_available()) throw llava::Error("LLAVA_DIST_DEVICE=cuda: no CUDA device in this build or machine");
+    g_device = options.device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+  }
   auto comm = dist::Communicator::from_env(options);
   std::cout << "joined rank " << comm.rank() << " of " << comm.world_size() << " backend " << comm.backend_name()
             << std::endl;

@@ -13,6 +13,8 @@ import torch
 from llava_oracle import binary
 from test_launcher import clean_env, free_port
 
+# LLAVA_DIST_DEVICE=cuda (scripts/gpu-check.sh, one GPU: world 1 only): the same checks on CUDA tensors over NCCL.
+BACKEND = "nccl" if os.environ.get("LLAVA_DIST_DEVICE") == "cuda" else "gloo"
 RESULTS_PER_RANK = {"reduce_scatter_sum_f32", "reduce_scatter_avg_bf16"}  # a different shard on every rank
 
 
@@ -88,7 +90,7 @@ def test_collectives_match_an_independent_computation(tmp_path, world):
     reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
     worst = {}
     for rank, report in enumerate(reports):
-        assert (report["rank"], report["world_size"], report["backend"]) == (rank, world, "gloo")
+        assert (report["rank"], report["world_size"], report["backend"]) == (rank, world, BACKEND)
         expected = expected_results(rank, world)
         assert set(report["results"]) == set(expected)
         for name, exp in expected.items():
