@@ -23,17 +23,48 @@ def summary(values):
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
-def run_timed(cmd, env=None, cwd=None):
+class GpuMemoryPeak:
+    """Peak GPU memory in use (nvidia-smi, every 0.1 s) while a command runs, minus what was in use before:
+    the same measure for our process and for Python's (CUDA context included in both)."""
+
+    def __init__(self):
+        import threading
+        self.baseline = self.read()
+        self.peak = self.baseline
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def read():
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])  # MiB, GPU 0
+
+    def poll(self):
+        while not self.done.wait(0.1):
+            self.peak = max(self.peak, self.read())
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.peak - self.baseline
+
+
+def run_timed(cmd, env=None, cwd=None, gpu=False):
     """Runs cmd; returns (lines [(seconds since start, text)], peak RSS in MiB, wall seconds, stderr).
-    Lines are stamped as they arrive, so a program that flushes per step gives per-step wall times."""
+    Lines are stamped as they arrive, so a program that flushes per step gives per-step wall times.
+    With gpu=True the peak GPU memory (MiB) is in run_timed.last_gpu_mib afterwards."""
     t0 = time.perf_counter()
     err = tempfile.TemporaryFile("w+")
+    gpu_peak = GpuMemoryPeak() if gpu else None
     p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
     lines = []
     for raw in iter(p.stdout.readline, b""):
         lines.append((time.perf_counter() - t0, raw.decode(errors="replace").rstrip("\n")))
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
+    run_timed.last_gpu_mib = gpu_peak.stop() if gpu_peak else None
     p.returncode = os.waitstatus_to_exitcode(status)
     err.seek(0)
     stderr = err.read()
@@ -76,7 +107,9 @@ def dir_bytes(directory):
 LLAVA7B_WIDTHS_MODEL = dict(vocab=32000, hidden=4096, intermediate=11008, layers=2, heads=32,
                             vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
                             image_size=336, patch_size=14)
-MODELS = {"bench": BENCH_MODEL, "llava7b-widths": LLAVA7B_WIDTHS_MODEL}
+# The GPU check's speed model (issue #17): the same widths with 8 decoder layers instead of 32 (~2.3B).
+LLAVA7B_8_LAYERS_MODEL = dict(LLAVA7B_WIDTHS_MODEL, layers=8)
+MODELS = {"bench": BENCH_MODEL, "llava7b-widths": LLAVA7B_WIDTHS_MODEL, "llava7b-8layers": LLAVA7B_8_LAYERS_MODEL}
 
 SMALL_MODEL = dict(BENCH_MODEL, vocab=4096, hidden=256, intermediate=688, layers=4, heads=4, vision_hidden=128,
                    vision_intermediate=512, vision_layers=2, vision_heads=4, image_size=112)
