@@ -6,7 +6,7 @@ LoRA and the full fine-tune. Not a test; numbers depend on the machine.
 Both sides print one line per optimizer step, stamped here as it arrives; a run's step time is the mean
 interval over the steps after `--warmup` (load, first-touch allocation and warm-up excluded). The HF loop is
 handed the batches `llava preprocess` wrote (no data loading in its timed steps); ours loads its own with
-dataloader_num_workers 0, so its step time includes that. Peak RSS is each process's ru_maxrss.
+dataloader_num_workers 0, so its step time includes that. Peak RSS is each process's own VmHWM (common.PeakRss).
 Ours and HF alternate, and each ratio is ours/HF of one back-to-back pair.
 
     .venv/bin/python bench/bench_train.py BUILD_DIR [--repeats 3] [--steps 7] [--warmup 2] [--model bench|llava7b-widths]

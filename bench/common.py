@@ -51,6 +51,37 @@ class GpuMemoryPeak:
         return self.peak - self.baseline
 
 
+class PeakRss:
+    """The child's own peak RSS: VmHWM of /proc/PID/status, read every 20 ms while it runs (a high-water mark,
+    so the last read is the peak up to 20 ms before exit). Not ru_maxrss: Linux carries the parent's peak over
+    fork + exec into the child's ru_maxrss, so a child of a big Python process reported the parent's size."""
+
+    def __init__(self, pid):
+        import threading
+        self.pid, self.peak_kib = pid, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def read(self):
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+
+    def poll(self):
+        while not self.done.wait(0.02):
+            self.read()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.peak_kib / 1024
+
+
 def run_timed(cmd, env=None, cwd=None, gpu=False):
     """Runs cmd; returns (lines [(seconds since start, text)], peak RSS in MiB, wall seconds, stderr).
     Lines are stamped as they arrive, so a program that flushes per step gives per-step wall times.
@@ -59,11 +90,14 @@ def run_timed(cmd, env=None, cwd=None, gpu=False):
     err = tempfile.TemporaryFile("w+")
     gpu_peak = GpuMemoryPeak() if gpu else None
     p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
+    rss = PeakRss(p.pid)
     lines = []
     for raw in iter(p.stdout.readline, b""):
         lines.append((time.perf_counter() - t0, raw.decode(errors="replace").rstrip("\n")))
-    _, status, usage = os.wait4(p.pid, 0)
+    rss.read()  # stdout closed: the process is exiting or gone; one more read while /proc may still hold it
+    _, status, _ = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
+    peak_rss_mib = rss.stop()
     run_timed.last_gpu_mib = gpu_peak.stop() if gpu_peak else None
     p.returncode = os.waitstatus_to_exitcode(status)
     err.seek(0)
@@ -72,7 +106,7 @@ def run_timed(cmd, env=None, cwd=None, gpu=False):
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} exited {p.returncode}:\n{stderr[-3000:]}\n"
                            f"{chr(10).join(l for _, l in lines[-20:])}")
-    return lines, usage.ru_maxrss / 1024, wall, stderr
+    return lines, peak_rss_mib, wall, stderr
 
 
 def thread_env(threads):
