@@ -15,7 +15,9 @@ static bool is_path_suffix(const std::string& path, const std::string& name) {  
 bool TargetModules::matches(const std::string& path) const {
   switch (kind) {
     case Kind::AllLinear: return !is_path_suffix(path, "lm_head");
-    case Kind::Regex: return std::regex_match(path, std::regex(regex));
+    case Kind::Regex:
+      if (!compiled_) compiled_ = std::make_shared<const std::regex>(regex);
+      return std::regex_match(path, *compiled_);
     case Kind::Suffixes:
       for (auto& s : suffixes)
         if (is_path_suffix(path, s)) return true;

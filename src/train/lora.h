@@ -4,6 +4,7 @@
 #pragma once
 #include <map>
 #include <memory>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,9 @@ struct TargetModules {
   std::string regex;
 
   bool matches(const std::string& module_path) const;
+
+ private:
+  mutable std::shared_ptr<const std::regex> compiled_;  // `regex` (set before the first match), compiled once
 };
 
 // LLaVA's default LoRA targets (find_all_linear_names): every Linear of the language model, lm_head aside.
