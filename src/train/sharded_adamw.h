@@ -153,6 +153,8 @@ class ShardedAdamW {
   int zero_stage_;
   bool sharded_;  // ZeRO 1/2 with more than one rank
   std::vector<torch::Tensor> params_;  // flat order = groups' order
+  torch::Device device_ = torch::kCPU; // the parameters' device: every buffer and collective lives there
+  torch::TensorOptions on_device(torch::Dtype dtype) const { return torch::TensorOptions().dtype(dtype).device(device_); }
   std::vector<size_t> group_of_;       // params_[i] belongs to groups_[group_of_[i]]
   dist::ZeroLayout layout_;
   int shard_rank_;
