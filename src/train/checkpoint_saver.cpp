@@ -184,10 +184,16 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   s->world_size = comm_.world_size();
   s->sharded = optimizer_.sharded();
 
-  // The collective parts, on every rank.
+  // The collective parts, on every rank. An async save without sharding copies the optimizer state
+  // straight into the kept host buffers instead (consolidated() would gather it into fresh ones).
   std::optional<AdamW> whole;
-  if (write_consolidated_optimizer(cfg_, optimizer_)) whole = optimizer_.consolidated();  // fresh buffers
-  const auto masters = optimizer_.sharded() ? NamedTensors{} : optimizer_.master_weights();  // fresh copies
+  NamedTensors masters;
+  if (async_ && !optimizer_.sharded()) {
+    if (comm_.rank() == 0) whole = staged_whole_optimizer(masters);  // only rank 0 writes it
+  } else {
+    if (write_consolidated_optimizer(cfg_, optimizer_)) whole = optimizer_.consolidated();  // fresh buffers
+    if (!optimizer_.sharded()) masters = optimizer_.master_weights();                         // fresh copies
+  }
   s->rng_states = gather_rng_states(comm_, cpu_rng_state());
   const torch::Device device = loaded_.model->parameters().front().device();
   if (device.is_cuda()) s->cuda_rng_states = gather_rng_states(comm_, cuda_rng_state(device));
@@ -256,6 +262,33 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   return s;
 }
 
+// Without sharding this rank holds the whole optimizer state, each parameter in one range: an AdamW
+// whose state is the ranges' copies in the kept host buffers (what consolidated() returns, without the
+// gathering into fresh buffers), and the fp32 master weights (bf16 runs) likewise.
+AdamW CheckpointSaver::staged_whole_optimizer(NamedTensors& masters) {
+  AdamW whole(optimizer_.groups(), optimizer_.options());
+  std::map<std::string, std::pair<size_t, size_t>> slot;  // name -> (group, index in group)
+  std::map<std::string, torch::IntArrayRef> shape;
+  for (size_t g = 0; g < whole.groups().size(); ++g)
+    for (size_t j = 0; j < whole.groups()[g].names.size(); ++j) {
+      slot[whole.groups()[g].names[j]] = {g, j};
+      shape[whole.groups()[g].names[j]] = whole.groups()[g].params[j].sizes();
+    }
+  for (auto& r : optimizer_.local_ranges()) {
+    const auto& sizes = shape.at(r.name);
+    if (r.param_offset != 0 || r.length != c10::multiply_integers(sizes))
+      throw Error("internal: an unsharded optimizer holds '" + r.name + "' in pieces");
+    if (r.master.defined()) masters.emplace_back(r.name, staging_.copy("master/" + r.name, r.master).view(sizes));
+    if (r.step == 0) continue;  // never updated: torch keeps no state for it
+    auto [g, j] = slot.at(r.name);
+    AdamState& s = whole.state()[g][j];
+    s.exp_avg = staging_.copy("exp_avg/" + r.name, r.exp_avg).view(sizes);
+    s.exp_avg_sq = staging_.copy("exp_avg_sq/" + r.name, r.exp_avg_sq).view(sizes);
+    s.step = r.step;
+  }
+  return whole;
+}
+
 void CheckpointSaver::write_synchronously(const std::shared_ptr<Staged>& s) {
   const std::string what = saving(s->step);
   write_on_ranks(comm_, what, /*on_every_rank=*/false,
@@ -291,7 +324,9 @@ void CheckpointSaver::start_background_write(const std::shared_ptr<Staged>& s) {
 }
 
 void CheckpointSaver::save(const checkpoint::TrainerState& state, const RunSignature& signature, double next_lr_factor) {
+  const auto wait_start = Clock::now();
   finish();  // at most one save in flight
+  const double waited = seconds_since(wait_start);
   const auto start = Clock::now();
   auto staged = stage(state, signature, next_lr_factor);
   if (async_) {
@@ -301,7 +336,7 @@ void CheckpointSaver::save(const checkpoint::TrainerState& state, const RunSigna
     write_synchronously(staged);
   }
   const double blocked = seconds_since(start);
-  timings_.push_back({state.global_step, blocked, async_ ? -1.0 : blocked});
+  timings_.push_back({state.global_step, waited, blocked, async_ ? -1.0 : blocked});
 }
 
 void CheckpointSaver::check() {

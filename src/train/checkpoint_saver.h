@@ -17,6 +17,7 @@
 #include "checkpoint/checkpoint_dir.h"
 #include "distributed/communicator.h"
 #include "model/weights.h"
+#include "train/adamw.h"
 #include "train/config.h"
 #include "train/lora.h"
 #include "train/resume_state.h"
@@ -40,10 +41,12 @@ class HostStaging {
   bool from_cuda_ = false;
 };
 
-// Seconds one save held the step and, once written, how long its writing took.
+// Seconds one save held the step (waiting for the previous save's write not counted: that is
+// waited_seconds) and, once written, how long its writing took.
 struct SaveTiming {
   int64_t step;
-  double blocked_seconds;
+  double waited_seconds;   // for the save in flight before it (async; 0 when it had finished)
+  double blocked_seconds;  // gathering + staging (async) or gathering + writing (synchronous)
   double write_seconds = -1;  // -1 until the write finished
 };
 
@@ -68,6 +71,7 @@ class CheckpointSaver {
   struct Staged;
   std::shared_ptr<Staged> stage(const checkpoint::TrainerState& state, const RunSignature& signature,
                                 double next_lr_factor);
+  AdamW staged_whole_optimizer(std::vector<std::pair<std::string, torch::Tensor>>& masters);
   void write_synchronously(const std::shared_ptr<Staged>& staged);
   void start_background_write(const std::shared_ptr<Staged>& staged);
 

@@ -110,6 +110,7 @@ class ShardedAdamW {
   int64_t bucket_numel() const { return bucket_numel_; }
   const dist::ZeroLayout& layout() const { return layout_; }
   const std::vector<ParamGroup>& groups() const { return groups_; }
+  const AdamWOptions& options() const { return options_; }
   int zero_stage() const { return zero_stage_; }
 
  private:

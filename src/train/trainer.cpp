@@ -323,7 +323,8 @@ void write_metrics(const std::string& path, const std::vector<StepMetrics>& hist
                          {"peak_memory", peak}};
   nlohmann::json save_times = nlohmann::json::array();  // rank 0's: how long each save held the step, and wrote
   for (auto& t : saves)
-    save_times.push_back({{"step", t.step}, {"blocked_seconds", t.blocked_seconds}, {"write_seconds", t.write_seconds}});
+    save_times.push_back({{"step", t.step}, {"waited_seconds", t.waited_seconds}, {"blocked_seconds", t.blocked_seconds},
+                          {"write_seconds", t.write_seconds}});
   io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}, {"zero", zero}, {"saves", save_times}}
                                   .dump(1) + "\n");
 }
