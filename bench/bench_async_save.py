@@ -4,7 +4,7 @@ the synchronous save (the step waits for every file to be written and fsynced), 
 run settings and disk. Not a test. Target (issue #17): async blocked time <= 10% of the synchronous save's.
 
 A full fine-tune of the bench model (LLM + projector train: model.safetensors + optimizer.pt with AdamW's
-state, the checkpoint's bulk) saves at steps 2, 4 and 6 (save_steps 2, so each background write has a step
+state, the checkpoint's bulk) saves at steps 2, 4, ..., 10 (save_steps 2, so each background write has a step
 to finish in; were it slower than a step, the next save would wait for it: `waited_seconds`, reported apart).
 Figures come from `--metrics-out`'s "saves": per save, blocked_seconds (gathering + staging, or gathering +
 writing) and write_seconds (the background write, or the synchronous one). The first async save also
@@ -26,12 +26,12 @@ def run_saves(llava, root, base, env, async_save, tag):
     out = os.path.join(root, f"out_{tag}")
     shutil.rmtree(out, ignore_errors=True)
     metrics = os.path.join(root, f"metrics_{tag}.json")
-    cfg = {**base, "output_dir": out, "max_steps": 6, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 1,
+    cfg = {**base, "output_dir": out, "max_steps": 10, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 1,
            "async_save": async_save}
     common.run_timed([llava, "train", common.write_config(os.path.join(root, f"{tag}.yaml"), cfg), "--metrics-out",
                       metrics], env=env)
     saves = json.load(open(metrics))["saves"]
-    size = common.dir_bytes(os.path.join(out, "checkpoint-6"))
+    size = common.dir_bytes(os.path.join(out, "checkpoint-10"))
     shutil.rmtree(out)
     return saves, size
 
