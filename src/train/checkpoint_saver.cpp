@@ -81,6 +81,12 @@ torch::Tensor HostStaging::copy(const std::string& key, const torch::Tensor& t) 
   return buffer;
 }
 
+torch::Tensor HostStaging::snapshot(const std::string& key, const torch::Tensor& t) {
+  if (!t.is_cpu()) return copy(key, t);
+  aliases_live_ = true;
+  return t.detach();
+}
+
 torch::Tensor HostStaging::host(const std::string& key, const torch::Tensor& t) {
   return t.is_cpu() ? t.detach() : copy(key, t);
 }
@@ -173,9 +179,10 @@ CheckpointSaver::~CheckpointSaver() = default;  // the writer cancels waits and 
 std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint::TrainerState& state,
                                                                 const RunSignature& signature, double next_lr_factor) {
   // Synchronous saves write the live tensors before the step goes on: no copies.
-  auto copy = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.copy(key, t) : t.detach(); };
+  auto copy = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.snapshot(key, t) : t.detach(); };
   auto host = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.host(key, t) : t.detach(); };
 
+  staging_.reset();
   auto s = std::make_shared<Staged>();
   s->step = state.global_step;
   s->output_dir = cfg_.output_dir;
@@ -278,12 +285,12 @@ AdamW CheckpointSaver::staged_whole_optimizer(NamedTensors& masters) {
     const auto& sizes = shape.at(r.name);
     if (r.param_offset != 0 || r.length != c10::multiply_integers(sizes))
       throw Error("internal: an unsharded optimizer holds '" + r.name + "' in pieces");
-    if (r.master.defined()) masters.emplace_back(r.name, staging_.copy("master/" + r.name, r.master).view(sizes));
+    if (r.master.defined()) masters.emplace_back(r.name, staging_.snapshot("master/" + r.name, r.master).view(sizes));
     if (r.step == 0) continue;  // never updated: torch keeps no state for it
     auto [g, j] = slot.at(r.name);
     AdamState& s = whole.state()[g][j];
-    s.exp_avg = staging_.copy("exp_avg/" + r.name, r.exp_avg).view(sizes);
-    s.exp_avg_sq = staging_.copy("exp_avg_sq/" + r.name, r.exp_avg_sq).view(sizes);
+    s.exp_avg = staging_.snapshot("exp_avg/" + r.name, r.exp_avg).view(sizes);
+    s.exp_avg_sq = staging_.snapshot("exp_avg_sq/" + r.name, r.exp_avg_sq).view(sizes);
     s.step = r.step;
   }
   return whole;
@@ -330,6 +337,10 @@ void CheckpointSaver::save(const checkpoint::TrainerState& state, const RunSigna
   const auto start = Clock::now();
   auto staged = stage(state, signature, next_lr_factor);
   if (async_) {
+    // Ranks agree on it (rank 0 stages more than the others), so the update's wait stays collective.
+    auto live = torch::full({1}, staging_.aliases_live() ? 1.0f : 0.0f);
+    allreduce_sum(comm_, live);
+    in_flight_reads_live_ = live.item<float>() > 0;
     start_background_write(staged);
     in_flight_staged_ = staged;
   } else {
@@ -354,6 +365,15 @@ void CheckpointSaver::check() {
     if (t.step == step) t.write_seconds = in_flight_staged_->write_seconds;
   in_flight_staged_.reset();
   in_flight_ = false;
+}
+
+void CheckpointSaver::before_update() {
+  if (!in_flight_ || !in_flight_reads_live_) return;
+  const auto start = Clock::now();
+  const int64_t step = in_flight_staged_->step;
+  finish();
+  for (auto& t : timings_)
+    if (t.step == step) t.update_waited_seconds = seconds_since(start);
 }
 
 void CheckpointSaver::finish() {

@@ -1,7 +1,8 @@
 // Saving checkpoint-N folders (HF Trainer layout plus our exact-resume files, resume_state.h), either in
 // the step (synchronous) or with `async_save` in the background: the step then waits only while the
-// state is gathered (the collective parts: consolidated optimizer, ZeRO shards, RNG states of every rank)
-// and copied into host buffers that are kept and reused from save to save; a background thread
+// state is gathered (the collective parts: consolidated optimizer, RNG states of every rank) and staged
+// (HostStaging: device tensors copied into kept, reused host buffers; host tensors read in place, the next
+// optimizer update waiting for the write); a background thread
 // (checkpoint/async_writer.h) writes the files and commits the folder atomically (the .partial folder and
 // rename of checkpoint_dir.h), then rotates. At most one save is in flight: the next save, and the end of
 // the run, wait for it. A kill during the background write leaves the previous complete checkpoint the
@@ -25,20 +26,26 @@
 
 namespace llava::train {
 
-// Host copies of tensors for a background write, one buffer per key kept from save to save (reused while
-// shape and dtype stay the same), page-locked when the source is on CUDA.
+// What a background write reads, on the host. A device tensor is copied into a page-locked buffer kept per
+// key from save to save (reused while shape and dtype stay the same). A host tensor is not copied at all:
+// live training state (parameters, moments, masters) changes only in the optimizer's update, so the write
+// reads it in place and the next update waits for the write (CheckpointSaver::before_update); on the CPU
+// a copy would cost about what the disk write costs.
 class HostStaging {
  public:
-  // A copy of `t` nothing else will change (for live training state).
-  torch::Tensor copy(const std::string& key, const torch::Tensor& t);
-  // `t` when it is already a host tensor nothing else holds (freshly gathered), else copy(key, t).
+  // Live state: a device tensor's copy, or the host tensor itself (then aliases_live() is true).
+  torch::Tensor snapshot(const std::string& key, const torch::Tensor& t);
+  // A tensor nothing will change (freshly gathered, or frozen): the host tensor itself, or a device one's copy.
   torch::Tensor host(const std::string& key, const torch::Tensor& t);
-  // Waits for the copies from the device (a no-op unless one came from CUDA).
+  // Waits for the copies from the device (a no-op unless one came from CUDA); starts the next save's count.
   void wait();
+  bool aliases_live() const { return aliases_live_; }
+  void reset() { aliases_live_ = false; }
 
  private:
+  torch::Tensor copy(const std::string& key, const torch::Tensor& t);
   std::map<std::string, torch::Tensor> buffers_;
-  bool from_cuda_ = false;
+  bool from_cuda_ = false, aliases_live_ = false;
 };
 
 // Seconds one save held the step (waiting for the previous save's write not counted: that is
@@ -48,6 +55,7 @@ struct SaveTiming {
   double waited_seconds;   // for the save in flight before it (async; 0 when it had finished)
   double blocked_seconds;  // gathering + staging (async) or gathering + writing (synchronous)
   double write_seconds = -1;  // -1 until the write finished
+  double update_waited_seconds = 0;  // async on the host: the next update waiting for the write
 };
 
 class CheckpointSaver {
@@ -61,6 +69,9 @@ class CheckpointSaver {
   void save(const checkpoint::TrainerState& state, const RunSignature& signature, double next_lr_factor);
   // Once per step: a background write that failed ends the run here on every rank (llava::Error).
   void check();
+  // Right before the optimizer changes parameters and moments: waits for a write that reads them in place
+  // (host tensors, see HostStaging); the wait counts as the save's update_waited_seconds.
+  void before_update();
   // Waits for the save in flight; its failure is the error on every rank.
   void finish();
 
@@ -85,6 +96,7 @@ class CheckpointSaver {
   HostStaging staging_;
   checkpoint::AsyncWriter writer_;
   bool in_flight_ = false;  // the same on every rank: saves are collective
+  bool in_flight_reads_live_ = false;  // the write in flight reads live host tensors (every rank alike)
   std::shared_ptr<Staged> in_flight_staged_;
   std::vector<SaveTiming> timings_;
 };

@@ -324,7 +324,7 @@ void write_metrics(const std::string& path, const std::vector<StepMetrics>& hist
   nlohmann::json save_times = nlohmann::json::array();  // rank 0's: how long each save held the step, and wrote
   for (auto& t : saves)
     save_times.push_back({{"step", t.step}, {"waited_seconds", t.waited_seconds}, {"blocked_seconds", t.blocked_seconds},
-                          {"write_seconds", t.write_seconds}});
+                          {"write_seconds", t.write_seconds}, {"update_waited_seconds", t.update_waited_seconds}});
   io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}, {"zero", zero}, {"saves", save_times}}
                                   .dump(1) + "\n");
 }
@@ -539,6 +539,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       const double grad_norm = optimizer.reduce_gradients();  // the same on every rank
       const double factor = schedule.factor(step);
       if (std::isfinite(loss) && std::isfinite(grad_norm)) {
+        saver.before_update();  // an async save reading the parameters and moments in place ends first
         optimizer.update(cfg.max_grad_norm, factor);
       } else if (cfg.skip_nonfinite_steps) {
         optimizer.discard();
