@@ -94,6 +94,18 @@ def test_device_cpu_is_the_default_and_cuda_without_a_gpu_is_one_clear_error(wor
                   "non_lora_trainables.bin", "trainer_state.json"):
             assert (world["root"] / name / "checkpoint-6" / f).read_bytes() == (ckpt / f).read_bytes(), (name, f)
     assert list(load_file(str(ckpt / "llava_rng_state.safetensors"))) == ["rank_0"]
+    # A GPU run's checkpoint (its RNG file also holds the CUDA generator, "cuda_rank_R") resumes on the CPU:
+    # the CUDA state is ignored and the continuation is bitwise the uninterrupted run's.
+    import shutil
+    gpu_like = world["root"] / "device_gpu_like"
+    shutil.copytree(world["root"] / "device_default" / "checkpoint-3", gpu_like / "checkpoint-3")
+    rng = load_file(str(gpu_like / "checkpoint-3" / "llava_rng_state.safetensors"))
+    save_file({**rng, "cuda_rank_0": torch.arange(16, dtype=torch.uint8)},
+              str(gpu_like / "checkpoint-3" / "llava_rng_state.safetensors"))
+    _, resumed, resumed_w = train(world, "device_gpu_like", {**s, "resume_from_checkpoint": "auto"})
+    assert resumed == default[3:]
+    for n in default_w:
+        assert torch.equal(resumed_w[n], default_w[n]), n
     proc, _, _ = train(world, "device_cuda", {**s, "device": "cuda"}, check=False)
     assert_clear_error(proc, "device_cuda.yaml", "key 'device'", "cuda", "use device: cpu")
     assert not (world["root"] / "device_cuda").exists() and not (world["root"] / "device_cuda.json").exists()
