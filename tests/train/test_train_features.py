@@ -150,6 +150,32 @@ def test_async_save_writes_what_the_synchronous_save_writes(world, name, ranks, 
           f"{[round(t['write_seconds'], 4) for t in saves]} s")
 
 
+def test_a_failed_background_save_ends_every_rank_and_keeps_the_previous_checkpoint(world):
+    """2 ranks, async_save: rank 0 runs out of space (the disk-full injection) in the background write of the
+    second save. Both ranks end at the next step with an error: rank 0 names the file and ENOSPC, rank 1 says
+    the save failed on another rank; checkpoint-1 stays, byte for byte the undisturbed run's, and the failed
+    save leaves no partial folder."""
+    s = {**LORA, "max_steps": 4, "save_strategy": "steps", "save_steps": 1, "async_save": True}
+    run(command(world, "async_fault_ref", s, 2))
+    ref = world["root"] / "async_fault_ref" / "checkpoint-1"
+    first = sum(f.stat().st_size for f in ref.rglob("*") if f.is_file())
+    env = {**os.environ, "LLAVA_FAULT_WRITE_AFTER_BYTES": str(first + first // 2)}  # inside the second save
+    proc = subprocess.run(command(world, "async_fault", s, 2), env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text
+    errors = [l for l in text.splitlines() if ":error:" in l]
+    assert any(l.startswith("[rank0]:error:") and ".checkpoint-2.partial/" in l and "No space left on device" in l
+               for l in errors), errors
+    assert "[rank1]:error: saving checkpoint-2 failed on another rank (see its error)" in errors, errors
+    assert "'loss'" in text and text.count("{'loss'") <= 3  # ended in step 3 at the latest
+    out = world["root"] / "async_fault"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    for f in ref.rglob("*"):
+        if f.is_file():
+            assert (out / "checkpoint-1" / f.relative_to(ref)).read_bytes() == f.read_bytes(), f
+    print(f"2 ranks, async save of step 2 out of space: {errors}")
+
+
 def test_nonfinite_loss_stops_or_skips(world, tmp_path):
     import shutil
     model_dir = tmp_path / "nan_model"
