@@ -1,5 +1,6 @@
 #include "train/device.h"
 
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/cuda.h>
 
 #include <string>
@@ -22,7 +23,8 @@ torch::Device training_device(const TrainConfig& c, int local_rank) {
   if (c.use_cpu || c.device == "cpu") return torch::kCPU;
   const int available = cuda_devices();
   if (c.device == "auto") return available > 0 ? torch::Device(torch::kCUDA, local_rank % available) : torch::kCPU;
-  if (!at::hasCUDA()) no_such_device(c, "needs CUDA, but this build of llava has none (its libtorch is CPU-only)");
+  if (!at::detail::getCUDAHooks().isBuilt())
+    no_such_device(c, "needs CUDA, but this build of llava has none (its libtorch is CPU-only)");
   if (available == 0) no_such_device(c, "needs a CUDA GPU, but none is visible (driver, CUDA_VISIBLE_DEVICES)");
   const int index = c.device == "cuda" ? local_rank : std::stoi(c.device.substr(5));
   if (index >= available)
