@@ -150,6 +150,12 @@ std::string pick_backend(const CommOptions& options) {
 }  // namespace
 
 Communicator Communicator::from_env(const CommOptions& options) {
+  Communicator comm = join_group(options);
+  comm.device_ = options.device;
+  return comm;
+}
+
+Communicator Communicator::join_group(const CommOptions& options) {
   DistEnv env = read_dist_env();
   if (!env.from_launcher) return single_process();
   if (env.world_size == 1 && (env.master_addr.empty() || !options.group_for_single_rank))

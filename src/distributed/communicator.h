@@ -44,6 +44,8 @@ class Communicator {
   int local_rank() const { return env_.local_rank; }
   const DistEnv& env() const { return env_; }
   std::string backend_name() const;  // "gloo", "nccl" or "none"
+  // Where collective buffers must live (CommOptions::device: the CUDA device for NCCL, else the CPU).
+  const torch::Device& device() const { return device_; }
 
   // In place. fp32 or bf16 (summed by the backend in that dtype). Every rank ends with bitwise-identical values.
   void allreduce(torch::Tensor& tensor, Reduce op);
@@ -59,10 +61,12 @@ class Communicator {
 
  private:
   struct Group;  // the c10d store + backend; absent for world size 1
+  static Communicator join_group(const CommOptions& options);  // from_env, without setting the device
   Communicator(DistEnv env, std::unique_ptr<Group> group);
 
   DistEnv env_;
   std::unique_ptr<Group> group_;
+  torch::Device device_ = torch::kCPU;
 };
 
 }  // namespace llava::dist

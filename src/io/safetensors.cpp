@@ -79,6 +79,16 @@ class MappedFile {
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
 
+  // Drops the pages wholly inside [offset, offset + n) from this process's memory once a tensor was
+  // copied out of them (a model loaded with a dtype conversion or onto a GPU would otherwise keep every
+  // file page it read mapped: a second copy of the model). Only whole pages of that one tensor, which
+  // the caller's view alone used: pages shared with a neighbour stay. Read again, they come from the file.
+  void release(uint64_t offset, uint64_t n) const {
+    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    const uint64_t begin = (offset + page - 1) / page * page, end = (offset + n) / page * page;
+    if (data_ && end > begin && end <= size_) ::madvise(data_ + begin, end - begin, MADV_DONTNEED);
+  }
+
   uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
 
@@ -243,7 +253,8 @@ void SafetensorsFile::read_into(const std::string& name, torch::Tensor& dst) con
   const bool direct = dst.is_cpu() && dst.is_contiguous() && dst.scalar_type() == t.dtype &&
                       dst.sizes().vec() == t.shape;
   if (!direct) {
-    dst.copy_(get(name));
+    dst.copy_(get(name));  // synchronous: the view is consumed before its pages go
+    map_->release(data_start_ + t.begin, t.end - t.begin);
     return;
   }
   map_->read(data_start_ + t.begin, dst.data_ptr(), t.end - t.begin, path_);

@@ -266,10 +266,12 @@ c10::ScalarType parse_dtype(const std::string& name) {
   fail("--dtype", "'" + name + "' is not supported (fp32 or bf16)");
 }
 
-LoadedModel load_model(const std::string& dir, c10::ScalarType dtype, const std::string& vision_tower_dir) {
+LoadedModel load_model(const std::string& dir, c10::ScalarType dtype, const std::string& vision_tower_dir,
+                       const torch::Device& device) {
   LoadedModel loaded;
   loaded.config = load_config(dir, vision_tower_dir);
-  loaded.model = LlavaForConditionalGeneration(loaded.config, torch::TensorOptions().dtype(dtype));
+  loaded.model = LlavaForConditionalGeneration(loaded.config, torch::TensorOptions().dtype(dtype).device(device));
+  if (!device.is_cpu()) loaded.model->to(device);  // any buffer a module made on the host (a no-op for the rest)
   loaded.layout = load_weights(loaded.model, dir, vision_tower_dir);
   loaded.model->eval();
   return loaded;

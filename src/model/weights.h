@@ -54,8 +54,11 @@ struct LoadedModel {
   WeightLayout layout;
 };
 
-// config.json + weights; the model is in eval mode with parameters of `dtype`.
-LoadedModel load_model(const std::string& dir, c10::ScalarType dtype, const std::string& vision_tower_dir = "");
+// config.json + weights; the model is in eval mode with parameters of `dtype` on `device`. The parameters
+// are made on the device and each is copied there from its (memory-mapped) file tensor, so host memory
+// holds no second copy of the model.
+LoadedModel load_model(const std::string& dir, c10::ScalarType dtype, const std::string& vision_tower_dir = "",
+                       const torch::Device& device = torch::kCPU);
 
 // "fp32"/"float32" -> kFloat32, "bf16"/"bfloat16" -> kBFloat16; Error otherwise.
 c10::ScalarType parse_dtype(const std::string& name);

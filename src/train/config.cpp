@@ -44,6 +44,24 @@ io::ConfigKey<C> scheduler_key() {
           }};
 }
 
+// device: auto | cpu | cuda | cuda:N (N a device index below 1024). Whether the device exists is
+// checked when the trainer starts (device.h), as it depends on the machine, not the file.
+io::ConfigKey<C> device_key() {
+  return {"device", [](C& c, const YAML::Node& n) {
+            const std::string value = io::read_string(n);
+            const std::string expected = "auto, cpu, cuda or cuda:N (N a device index, 0 to 1023)";
+            if (value == "auto" || value == "cpu" || value == "cuda") {
+              c.device = value;
+              return;
+            }
+            const std::string index = value.rfind("cuda:", 0) == 0 ? value.substr(5) : "";
+            if (index.empty() || index.size() > 4 || index.find_first_not_of("0123456789") != std::string::npos ||
+                std::stoi(index) > 1023)
+              throw io::BadValue{expected};
+            c.device = "cuda:" + std::to_string(std::stoi(index));
+          }};
+}
+
 const std::vector<std::string> kFalse = {"false", "False"};
 
 // Every key of the config, one line each: the field it sets and what it takes. Ranges are finite and
@@ -120,6 +138,9 @@ const io::Schema<C>& train_schema() {
         .add(io::number("step_timeout", &C::step_timeout, 0, 1e7))  // 0: no hang detection
         .add(io::byte_size("consolidate_optimizer_max_size", &C::consolidate_optimizer_max_size))
         .add(io::integer("reduce_bucket_size", &C::reduce_bucket_size, 1, int64_t{1} << 40))
+        .add(device_key())
+        .add(io::boolean("use_cpu", &C::use_cpu))
+        .add(optional_key<bool>("async_save", &C::async_save, [](const YAML::Node& n) { return io::read_bool(n); }))
         // Accepted for HF/LLaVA compatibility, no effect here (README.md: "Accepted and ignored keys").
         .add(io::ignored<C>("lazy_preprocess"))             // records are always read lazily
         .add(io::ignored<C>("is_multimodal"))               // the model's config.json says it
@@ -143,6 +164,8 @@ void check_relations(const TrainConfig& c, const std::string& where) {
     bad("lora_enable", "stage 1 (tune_mm_mlp_adapter: true) trains only the projector; LoRA needs stage 2");
   if (!c.lora_target_modules.empty() && !c.lora_target_regex.empty())
     bad("lora_target_regex", "give lora_target_modules or lora_target_regex, not both");
+  if (c.use_cpu && c.device != "auto" && c.device != "cpu")
+    bad("use_cpu", "use_cpu: true contradicts device: " + c.device + "; give one of them");
   data::check_data_config(c.data, where);
 }
 

@@ -81,6 +81,14 @@ struct TrainConfig {
   // largest fp32 gradient chunk the update converts at once.
   int64_t reduce_bucket_size = 50'000'000;
 
+  // Where training runs (device.h): "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu",
+  // "cuda" (cuda:LOCAL_RANK) or "cuda:N". HF's use_cpu: true means cpu.
+  std::string device = "auto";
+  bool use_cpu = false;
+  // Checkpoints written by a background thread once staged in host memory (default: on for CUDA, off
+  // for CPU); unset = that default.
+  std::optional<bool> async_save;
+
   std::string source;  // the config file (errors name it)
   // Keys given that are accepted for HF/LLaVA compatibility and do nothing here (the trainer logs them).
   std::vector<std::string> ignored_keys;

@@ -103,6 +103,13 @@ nlohmann::json peft_target_modules(const TargetModules& targets, const std::set<
 
 void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& modules, const LoraConfig& config,
                        const model::WeightLayout& layout, const std::string& base_model_name_or_path) {
+  std::vector<LoraWeights> weights;
+  for (auto& m : modules) weights.push_back({m.path, m.adapter->lora_A.detach(), m.adapter->lora_B.detach()});
+  save_lora_adapter(dir, weights, config, layout, base_model_name_or_path);
+}
+
+void save_lora_adapter(const std::string& dir, const std::vector<LoraWeights>& modules, const LoraConfig& config,
+                       const model::WeightLayout& layout, const std::string& base_model_name_or_path) {
   checkpoint::PeftLoraAdapter adapter;
   adapter.r = config.r;
   adapter.lora_alpha = config.alpha;
@@ -111,7 +118,7 @@ void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& mo
   std::vector<std::string> paths;
   for (auto& m : modules) {
     const std::string path = strip_suffix(model::checkpoint_name(m.path + ".weight", layout), ".weight");
-    adapter.modules[path] = {m.adapter->lora_A.detach(), m.adapter->lora_B.detach(), ""};
+    adapter.modules[path] = {m.A, m.B, ""};
     suffixes.insert(path.substr(path.rfind('.') + 1));
     paths.push_back(path);
   }
@@ -156,20 +163,32 @@ void load_projector_weights(model::LlavaForConditionalGeneration& model, const s
 
 void save_projector_weights(const std::string& path, model::LlavaForConditionalGeneration& model,
                             const model::WeightLayout& layout, bool peft_prefix) {
+  std::vector<std::pair<std::string, torch::Tensor>> projector;
+  for (auto& p : model->model->multi_modal_projector->named_parameters())
+    projector.emplace_back("model.multi_modal_projector." + p.key(), p.value().detach());
+  save_projector_weights(path, projector, layout, peft_prefix);
+}
+
+void save_projector_weights(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& projector,
+                            const model::WeightLayout& layout, bool peft_prefix) {
   auto dict = io::pickle::new_dict();
-  for (auto& p : model->model->multi_modal_projector->named_parameters()) {
-    const std::string name = model::checkpoint_name("model.multi_modal_projector." + p.key(), layout);
-    dict.insert((peft_prefix ? "base_model.model." : "") + name, p.value().detach().to(torch::kCPU));
-  }
+  for (auto& [canonical, tensor] : projector)
+    dict.insert((peft_prefix ? "base_model.model." : "") + model::checkpoint_name(canonical, layout), tensor.to(torch::kCPU));
   io::save_pt(path, dict);
 }
 
 std::vector<std::string> save_full_model(const std::string& dir, model::LlavaForConditionalGeneration& model,
                                          model::WeightLayout layout, uint64_t max_shard_bytes) {
+  std::vector<std::pair<std::string, torch::Tensor>> params;
+  for (auto& p : model->named_parameters()) params.emplace_back(p.key(), p.value().detach());
+  return save_full_model(dir, params, std::move(layout), max_shard_bytes);
+}
+
+std::vector<std::string> save_full_model(const std::string& dir, const std::vector<std::pair<std::string, torch::Tensor>>& params,
+                                         model::WeightLayout layout, uint64_t max_shard_bytes) {
   layout.vision_tower_dir.clear();
   io::NamedTensors tensors;
-  for (auto& p : model->named_parameters())
-    tensors.emplace_back(model::checkpoint_name(p.key(), layout), p.value().detach());
+  for (auto& [canonical, tensor] : params) tensors.emplace_back(model::checkpoint_name(canonical, layout), tensor);
   return io::save_sharded(dir, tensors, max_shard_bytes);
 }
 

@@ -29,6 +29,13 @@ std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& 
 // layout, so PEFT and LLaVA tools find them under the names they loaded the base with).
 void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& modules, const LoraConfig& config,
                        const model::WeightLayout& layout, const std::string& base_model_name_or_path);
+// The same from copies of the weights (a checkpoint staged for a background write).
+struct LoraWeights {
+  std::string path;  // module path, canonical naming
+  torch::Tensor A, B;
+};
+void save_lora_adapter(const std::string& dir, const std::vector<LoraWeights>& modules, const LoraConfig& config,
+                       const model::WeightLayout& layout, const std::string& base_model_name_or_path);
 
 // Copies the projector weights of a .bin/.safetensors file into the model. Keys may be LLaVA's
 // (model.mm_projector.0/2.*, with or without PEFT's base_model.model. prefix), llava-hf's or ours;
@@ -41,10 +48,16 @@ void load_projector_weights(model::LlavaForConditionalGeneration& model, const s
 // non_lora_trainables.bin (the same keys under base_model.model.). A torch.save file.
 void save_projector_weights(const std::string& path, model::LlavaForConditionalGeneration& model,
                             const model::WeightLayout& layout, bool peft_prefix);
+// The same from (canonical name, tensor) pairs: model.multi_modal_projector.* (a staged copy).
+void save_projector_weights(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& projector,
+                            const model::WeightLayout& layout, bool peft_prefix);
 
 // Writes every parameter of `model` as `dir/model.safetensors` (or shards + index past max_shard_bytes)
 // in `layout`'s key names; a CLIP tower that came from its own dir is written inside. Returns the files.
 std::vector<std::string> save_full_model(const std::string& dir, model::LlavaForConditionalGeneration& model,
+                                         model::WeightLayout layout, uint64_t max_shard_bytes);
+// The same from every parameter as (canonical name, tensor) pairs, in named_parameters() order.
+std::vector<std::string> save_full_model(const std::string& dir, const std::vector<std::pair<std::string, torch::Tensor>>& params,
                                          model::WeightLayout layout, uint64_t max_shard_bytes);
 
 }  // namespace llava::train

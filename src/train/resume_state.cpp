@@ -137,10 +137,39 @@ void set_cpu_rng_state(const torch::Tensor& state) {
   gen.set_state(state);
 }
 
-void write_rng_states(const std::string& dir, const std::vector<torch::Tensor>& states_by_rank) {
+torch::Tensor cuda_rng_state(const torch::Device& device) {
+  auto gen = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_cuda_rng_state(const torch::Device& device, const torch::Tensor& state) {
+  auto gen = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+void write_rng_states(const std::string& dir, const std::vector<torch::Tensor>& states_by_rank,
+                      const std::vector<torch::Tensor>& cuda_states_by_rank) {
   io::NamedTensors tensors;
   for (size_t r = 0; r < states_by_rank.size(); ++r) tensors.push_back({"rank_" + std::to_string(r), states_by_rank[r]});
+  for (size_t r = 0; r < cuda_states_by_rank.size(); ++r)
+    tensors.push_back({"cuda_rank_" + std::to_string(r), cuda_states_by_rank[r]});
   io::save_safetensors(in_dir(dir, kRngFile), tensors);
+}
+
+std::optional<torch::Tensor> read_cuda_rng_state(const std::string& dir, int rank) {
+  const std::string path = in_dir(dir, kRngFile);
+  if (!fs::exists(path)) return std::nullopt;
+  auto file = io::SafetensorsFile::open(path);
+  const std::string mine = "cuda_rank_" + std::to_string(rank);
+  const std::string name = file.contains(mine) ? mine : "cuda_rank_0";
+  if (!file.contains(name)) return std::nullopt;
+  auto state = file.get(name);
+  if (state.scalar_type() != torch::kUInt8 || state.dim() != 1 || state.numel() == 0 || state.numel() > 4096)
+    fail(path, "'" + name + "' is not a CUDA generator state (expected uint8 [n], got " +
+                   c10::toString(state.scalar_type()) + " " + c10::str(state.sizes()) + ")");
+  return state.clone();
 }
 
 std::optional<torch::Tensor> read_rng_state(const std::string& dir, int rank) {

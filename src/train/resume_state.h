@@ -2,7 +2,9 @@
 //   llava_resume.json                  what the run was: trainable names and shapes, LoRA settings, dtype,
 //                                      samples per optimizer step, world size, ZeRO stage; where the data
 //                                      and the log average in progress stand
-//   llava_rng_state.safetensors        every rank's CPU generator state ("rank_<R>", uint8)
+//   llava_rng_state.safetensors        every rank's CPU generator state ("rank_<R>", uint8) and, when the
+//                                      run used CUDA, its CUDA generator's ("cuda_rank_<R>"); a checkpoint
+//                                      without CUDA states resumes on a GPU too (and the other way round)
 //   llava_master_weights.safetensors   fp32 master weights (bf16 runs only; the model files hold bf16)
 //   zero_shards/rank_<R>_of_<N>.safetensors   under ZeRO 1/2: rank R's optimizer state by parameter range
 //                                      (tensors "<kind>/<param name>/<offset>", the ranges and their steps
@@ -57,10 +59,19 @@ void check_same_model(const std::string& checkpoint_dir, const std::string& mode
 torch::Tensor cpu_rng_state();
 void set_cpu_rng_state(const torch::Tensor& state);
 
-void write_rng_states(const std::string& dir, const std::vector<torch::Tensor>& states_by_rank);
+// The default CUDA generator of `device` (torch.cuda.get_rng_state(device)) and its restore; only for a
+// CUDA device (a CPU-only libtorch throws).
+torch::Tensor cuda_rng_state(const torch::Device& device);
+void set_cuda_rng_state(const torch::Device& device, const torch::Tensor& state);
+
+// cuda_states_by_rank: empty when the run did not use CUDA.
+void write_rng_states(const std::string& dir, const std::vector<torch::Tensor>& states_by_rank,
+                      const std::vector<torch::Tensor>& cuda_states_by_rank = {});
 // This rank's state; a rank the checkpoint did not have (more ranks now) takes rank 0's state.
 // nullopt when the checkpoint has no RNG file.
 std::optional<torch::Tensor> read_rng_state(const std::string& dir, int rank);
+// The same for the CUDA generator: nullopt when the checkpoint has none (a CPU run's, or HF's).
+std::optional<torch::Tensor> read_cuda_rng_state(const std::string& dir, int rank);
 
 void write_zero_shard(const std::string& dir, int rank, int world_size, const std::vector<RangeState>& ranges);
 // Every range of every shard file in dir/zero_shards; empty when there is none.

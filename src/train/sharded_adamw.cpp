@@ -31,13 +31,14 @@ ShardedAdamW::ShardedAdamW(std::vector<ParamGroup> groups, AdamWOptions options,
       group_of_.push_back(g);
       specs.push_back({groups_[g].names[j], groups_[g].params[j].numel()});
     }
+  if (!params_.empty()) device_ = params_.front().device();
   layout_ = dist::make_zero_layout(specs, sharded_ ? comm.world_size() : 1, kShardAlign);
   shard_rank_ = sharded_ ? comm.rank() : 0;
 
   torch::NoGradGuard no_grad;
   bool separate_master = false;
   for (auto& p : params_) separate_master |= p.scalar_type() != torch::kFloat32;
-  if (separate_master) master_shard_ = torch::zeros({layout_.shard_numel}, torch::kFloat32);
+  if (separate_master) master_shard_ = torch::zeros({layout_.shard_numel}, on_device(torch::kFloat32));
 
   std::vector<ParamGroup> inner_groups;
   for (auto& g : groups_) inner_groups.push_back({g.name, {}, {}, g.base_lr, g.lr, g.weight_decay});
@@ -128,7 +129,7 @@ void ShardedAdamW::on_gradient_ready(size_t param) {
 // parameter whose buckets are all reduced. Collective: every rank reduces the same buckets in the same order.
 void ShardedAdamW::reduce_bucket(size_t b) {
   const Bucket& bucket = buckets_[b];
-  auto flat = torch::empty({bucket.numel}, torch::TensorOptions().dtype(bucket.dtype));
+  auto flat = torch::empty({bucket.numel}, on_device(bucket.dtype));
   int64_t at = 0;
   for (const Segment& s : bucket.segments) {
     auto slot = flat.narrow(0, at, s.length);
@@ -178,7 +179,7 @@ void ShardedAdamW::add_to_piece_grad(size_t k, int64_t offset, const torch::Tens
   for (int64_t done = 0; done < values.numel();) {
     const int64_t at = offset + done, c = at / chunk_numel_, in_chunk = at - c * chunk_numel_;
     auto& chunk = chunks[static_cast<size_t>(c)];
-    if (!chunk.defined()) chunk = torch::zeros({std::min(chunk_numel_, p.length - c * chunk_numel_)}, dtype);
+    if (!chunk.defined()) chunk = torch::zeros({std::min(chunk_numel_, p.length - c * chunk_numel_)}, on_device(dtype));
     const int64_t n = std::min(values.numel() - done, chunk.numel() - in_chunk);
     chunk.narrow(0, in_chunk, n).add_(values.narrow(0, done, n));  // fp32 values: summed in fp32, rounded once
     done += n;
@@ -207,7 +208,9 @@ void ShardedAdamW::fix_bucket_order() {
     if (!seen[i]) order.push_back(i);
   auto order_tensor = torch::empty({static_cast<int64_t>(order.size())}, torch::kFloat64);
   for (size_t j = 0; j < order.size(); ++j) order_tensor[static_cast<int64_t>(j)] = static_cast<double>(order[j]);
+  order_tensor = order_tensor.to(device_);
   comm_.broadcast(order_tensor, 0);
+  order_tensor = order_tensor.cpu();
   for (size_t j = 0; j < order.size(); ++j) order[j] = static_cast<size_t>(order_tensor[static_cast<int64_t>(j)].item<double>());
   plan_buckets(order);
   bucket_order_fixed_ = true;
@@ -252,7 +255,11 @@ std::vector<bool> ShardedAdamW::params_with_grad() {
   auto flags = torch::zeros({static_cast<int64_t>(params_.size())}, torch::kFloat32);
   for (size_t i = 0; i < params_.size(); ++i)
     if (params_[i].grad().defined() || got_grad_[i]) flags[i] = 1.0f;
-  if (comm_.world_size() > 1) comm_.allreduce(flags, dist::Reduce::Sum);
+  if (comm_.world_size() > 1) {
+    flags = flags.to(device_);
+    comm_.allreduce(flags, dist::Reduce::Sum);
+    flags = flags.cpu();
+  }
   std::vector<bool> out(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) out[i] = flags[i].item<float>() > 0;
   return out;
@@ -294,7 +301,7 @@ double ShardedAdamW::reduce_gradients() {
     }
     norms.push_back(chunk_norms.size() == 1 ? chunk_norms[0] : torch::stack(chunk_norms).norm(2));
   }
-  grad_norm_ = norms.empty() ? torch::zeros({}, torch::kFloat32) : torch::stack(norms).norm(2);
+  grad_norm_ = norms.empty() ? torch::zeros({}, on_device(torch::kFloat32)) : torch::stack(norms).norm(2);
   if (sharded_) {
     auto squares = grad_norm_.to(torch::kFloat64).pow(2).reshape({1});
     comm_.allreduce(squares, dist::Reduce::Sum);
@@ -355,10 +362,10 @@ void ShardedAdamW::zero_grad() {
 }
 
 torch::Tensor ShardedAdamW::gather_shards(const std::function<torch::Tensor(const Piece&)>& value) {
-  auto shard = torch::zeros({layout_.shard_numel}, torch::kFloat32);
+  auto shard = torch::zeros({layout_.shard_numel}, on_device(torch::kFloat32));
   for (auto& p : pieces_) shard.narrow(0, p.shard_offset, p.length).copy_(value(p));
   if (!sharded_) return shard;  // one shard holds everything
-  auto flat = torch::empty({layout_.padded_numel()}, torch::kFloat32);
+  auto flat = torch::empty({layout_.padded_numel()}, on_device(torch::kFloat32));
   comm_.all_gather_into(flat, shard);
   return flat;
 }
@@ -369,13 +376,13 @@ void ShardedAdamW::gather_parameters() {
   const int64_t shard = layout_.shard_numel, ranks = layout_.world_size;
   for (int64_t first = 0; first < shard; first += chunk_numel_) {
     const int64_t length = std::min(chunk_numel_, shard - first);
-    auto local = torch::zeros({length}, torch::kFloat32);  // padding stays zero
+    auto local = torch::zeros({length}, on_device(torch::kFloat32));  // padding stays zero
     for (auto& p : pieces_) {
       const int64_t begin = std::max(first, p.shard_offset), end = std::min(first + length, p.shard_offset + p.length);
       if (begin < end)
         local.narrow(0, begin - first, end - begin).copy_(p.master.narrow(0, begin - p.shard_offset, end - begin));
     }
-    auto gathered = torch::empty({ranks * length}, torch::kFloat32);
+    auto gathered = torch::empty({ranks * length}, on_device(torch::kFloat32));
     comm_.all_gather_into(gathered, local);
     note_memory({local, gathered});
     for (int64_t r = 0; r < ranks; ++r) copy_into_params(r * shard + first, gathered.narrow(0, r * length, length));
@@ -400,7 +407,7 @@ AdamW ShardedAdamW::consolidated() {
     auto [g, j] = inner_slot_[&p - pieces_.data()];
     return inner_->state()[g][j];
   };
-  auto zeros = [](const Piece& p) { return torch::zeros({p.length}, torch::kFloat32); };
+  auto zeros = [&](const Piece& p) { return torch::zeros({p.length}, on_device(torch::kFloat32)); };
   auto exp_avg = gather_shards([&](const Piece& p) { auto& s = state_of(p); return s.initialized() ? s.exp_avg : zeros(p); });
   auto exp_avg_sq =
       gather_shards([&](const Piece& p) { auto& s = state_of(p); return s.initialized() ? s.exp_avg_sq : zeros(p); });
@@ -411,7 +418,11 @@ AdamW ShardedAdamW::consolidated() {
     steps[0][p.param] += static_cast<double>(state_of(p).step);
     steps[1][p.param] += 1.0;
   }
-  if (sharded_) comm_.allreduce(steps, dist::Reduce::Sum);
+  if (sharded_) {
+    steps = steps.to(device_);
+    comm_.allreduce(steps, dist::Reduce::Sum);
+    steps = steps.cpu();
+  }
 
   AdamW whole(groups_, options_);
   std::vector<size_t> index_in_group(groups_.size(), 0);
@@ -506,7 +517,8 @@ void ShardedAdamW::load_ranges(const std::vector<RangeState>& all, const std::st
     AdamState& to = inner_->state()[inner_slot_[k].first][inner_slot_[k].second];
     to = AdamState{};
     int64_t covered = 0, step = 0;
-    torch::Tensor exp_avg = torch::zeros({p.length}), exp_avg_sq = torch::zeros({p.length});
+    torch::Tensor exp_avg = torch::zeros({p.length}, on_device(torch::kFloat32)),
+                  exp_avg_sq = torch::zeros({p.length}, on_device(torch::kFloat32));
     for (const RangeState* r : by_name[name]) {  // copy the overlap of each saved range with this piece
       const int64_t begin = std::max(p.param_offset, r->param_offset);
       const int64_t end = std::min(p.param_offset + p.length, r->param_offset + r->length);

@@ -110,6 +110,7 @@ class ShardedAdamW {
   int64_t bucket_numel() const { return bucket_numel_; }
   const dist::ZeroLayout& layout() const { return layout_; }
   const std::vector<ParamGroup>& groups() const { return groups_; }
+  const AdamWOptions& options() const { return options_; }
   int zero_stage() const { return zero_stage_; }
 
  private:
@@ -153,6 +154,8 @@ class ShardedAdamW {
   int zero_stage_;
   bool sharded_;  // ZeRO 1/2 with more than one rank
   std::vector<torch::Tensor> params_;  // flat order = groups' order
+  torch::Device device_ = torch::kCPU; // the parameters' device: every buffer and collective lives there
+  torch::TensorOptions on_device(torch::Dtype dtype) const { return torch::TensorOptions().dtype(dtype).device(device_); }
   std::vector<size_t> group_of_;       // params_[i] belongs to groups_[group_of_[i]]
   dist::ZeroLayout layout_;
   int shard_rank_;

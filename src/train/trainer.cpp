@@ -26,6 +26,8 @@
 #include "model/lm_loss.h"
 #include "model/weights.h"
 #include "train/adamw.h"
+#include "train/checkpoint_saver.h"
+#include "train/device.h"
 #include "train/hf_state.h"
 #include "train/lora.h"
 #include "train/pretrained_parts.h"
@@ -177,7 +179,7 @@ extern "C" void note_interrupt(int signal_number) { g_interrupt_signal = signal_
 // True on every rank once any rank got the signal (one tiny all-reduce per step).
 bool interrupt_requested(dist::Communicator& comm) {
   auto flag = torch::full({1}, g_interrupt_signal != 0 ? 1.0f : 0.0f);
-  if (comm.world_size() > 1) comm.allreduce(flag, dist::Reduce::Sum);
+  allreduce_sum(comm, flag);
   return flag.item<float>() > 0;
 }
 
@@ -194,101 +196,6 @@ RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>&
   s.world_size = world_size;
   s.zero_stage = cfg.zero_stage;
   return s;
-}
-
-// Every rank's CPU generator state, on every rank (the states are the same size on every rank).
-std::vector<torch::Tensor> gather_rng_states(dist::Communicator& comm) {
-  auto state = cpu_rng_state();
-  if (comm.world_size() == 1) return {state};
-  auto all = comm.all_gather(state);  // [world * n] uint8
-  std::vector<torch::Tensor> out;
-  for (int r = 0; r < comm.world_size(); ++r) out.push_back(all.narrow(0, r * state.numel(), state.numel()).clone());
-  return out;
-}
-
-// Runs `write` on the ranks given (`on_every_rank`, or rank 0 only) and tells every rank whether it
-// worked everywhere, so a failed save ends every rank with the same clear error instead of leaving the
-// others waiting in the next collective.
-void write_on_ranks(dist::Communicator& comm, const std::string& what, bool on_every_rank,
-                    const std::function<void()>& write) {
-  std::string error;
-  if (on_every_rank || comm.rank() == 0) {
-    try {
-      write();
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  auto failed = torch::full({1}, error.empty() ? 0.0f : 1.0f);
-  if (comm.world_size() > 1) comm.allreduce(failed, dist::Reduce::Sum);
-  if (!error.empty()) throw Error(error);
-  if (failed.item<float>() > 0) throw Error(what + " failed on another rank (see its error)");
-}
-
-// Whether optimizer.pt (the whole state, gathered on every rank) is written: always without sharding;
-// under ZeRO only while the state is at most consolidate_optimizer_max_size, as gathering it costs
-// every rank the whole state's memory.
-bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& optimizer) {
-  if (!optimizer.sharded()) return true;
-  const int64_t state_bytes = optimizer.layout().total_numel * (cfg.bf16 ? 12 : 8);
-  return static_cast<uint64_t>(state_bytes) <= io::parse_size(cfg.consolidate_optimizer_max_size);
-}
-
-// checkpoint-<step>/ in the HF Trainer layout: trained weights as PEFT (adapter + LLaVA's
-// non_lora_trainables.bin), LLaVA stage 1 (mm_projector.bin) or save_pretrained (full) write them, the base
-// config.json, optimizer.pt, scheduler.pt and trainer_state.json, plus our exact-resume files (and under
-// ZeRO each rank's shard of the optimizer); committed atomically, then rotated. Collective: every rank
-// must call it; rank 0 writes all but the shard files.
-void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const std::vector<LoraModule>& lora,
-                     ShardedAdamW& optimizer, const checkpoint::TrainerState& state, RunSignature signature,
-                     double next_lr_factor, dist::Communicator& comm) {
-  const std::string what = "saving checkpoint-" + std::to_string(state.global_step);
-  const bool consolidate = write_consolidated_optimizer(cfg, optimizer);
-  std::optional<AdamW> whole;
-  if (consolidate) whole = optimizer.consolidated();
-  // torch's LambdaLR steps right after the optimizer, so HF's optimizer.pt / scheduler.pt hold the lr of the
-  // NEXT step, base_lr * schedule(global_step): HF Trainer resumes with exactly that lr.
-  auto set_next_lr = [&](AdamW& a) {
-    for (auto& g : a.groups()) g.lr = g.base_lr * next_lr_factor;
-  };
-  if (whole) set_next_lr(*whole);
-  const auto masters = optimizer.sharded() ? decltype(optimizer.master_weights()){} : optimizer.master_weights();
-  const auto rng_states = gather_rng_states(comm);
-
-  std::optional<checkpoint::PendingCheckpoint> pending;  // rank 0's; removed unless committed
-  write_on_ranks(comm, what, /*on_every_rank=*/false, [&] { pending.emplace(cfg.output_dir, state.global_step); });
-  const std::string dir = (fs::path(cfg.output_dir) / (".checkpoint-" + std::to_string(state.global_step) + ".partial")).string();
-  if (optimizer.sharded())  // every rank writes its own shard into rank 0's partial folder
-    write_on_ranks(comm, what, /*on_every_rank=*/true,
-                   [&] { write_zero_shard(dir, comm.rank(), comm.world_size(), optimizer.local_ranges()); });
-  write_on_ranks(comm, what, /*on_every_rank=*/false, [&] {
-    if (pending->dir() != dir) throw Error(what + ": unexpected partial folder " + pending->dir());
-    if (!lora.empty()) {
-      save_lora_adapter(dir, lora, lora_config_for(cfg), loaded.layout, cfg.model_name_or_path);
-      save_projector_weights(dir + "/non_lora_trainables.bin", loaded.model, loaded.layout, /*peft_prefix=*/true);
-    } else if (cfg.tune_mm_mlp_adapter) {
-      save_projector_weights(dir + "/mm_projector.bin", loaded.model, loaded.layout, /*peft_prefix=*/false);
-    } else {
-      save_full_model(dir, loaded.model, loaded.layout, io::parse_size(cfg.max_shard_size));
-    }
-    const fs::path base_config = fs::path(cfg.model_name_or_path) / "config.json";
-    if (fs::exists(base_config) && !fs::exists(fs::path(dir) / "config.json"))  // atomic and fsynced like the rest
-      io::write_file_atomic(dir + "/config.json", io::read_input_file(base_config.string(), io::InputKind::kConfig));
-    if (whole) {
-      io::save_pt(dir + "/optimizer.pt", adamw_state_dict(*whole));
-      io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(*whole, state.global_step));
-    } else {
-      AdamW stateless(optimizer.groups(), AdamWOptions{});  // the schedule needs only the groups' lrs
-      set_next_lr(stateless);
-      io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(stateless, state.global_step));
-    }
-    checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
-    write_run_signature(dir, signature);
-    write_rng_states(dir, rng_states);
-    write_master_weights(dir, masters);
-    pending->commit();
-    checkpoint::rotate_checkpoints(cfg.output_dir, cfg.save_total_limit);
-  });
 }
 
 // resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
@@ -330,6 +237,9 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
     optimizer.load_master_weights(read_master_weights(dir));
   }
   if (auto rng = read_rng_state(dir, rank)) set_cpu_rng_state(*rng);
+  const torch::Device& device = loaded.model->parameters().front().device();
+  if (device.is_cuda())  // a CPU run's checkpoint has none: the generator stays as seeded
+    if (auto rng = read_cuda_rng_state(dir, rank)) set_cuda_rng_state(device, *rng);
   return state;
 }
 
@@ -344,11 +254,13 @@ int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
 // how the window is cut into micro-batches.
 // lm_head runs only at the scored positions (image rows and the prompt have labels -100), which is
 // the same loss as HF's over all logits without the [B,T,V] logits.
+// `batch` is on the host (its token count is read there, without waiting for the device); `on_device` the
+// same batch where the model is.
 torch::Tensor micro_batch_loss(model::LlavaForConditionalGeneration& model, const data::Batch& batch,
-                               int64_t window_tokens) {
+                               const data::Batch& on_device, int64_t window_tokens) {
   const bool has_pixels = batch.pixel_values.defined() && batch.pixel_values.size(0) > 0;
-  auto loss = model::scored_causal_lm_loss(model, batch.input_ids, batch.attention_mask,
-                                           has_pixels ? batch.pixel_values : torch::Tensor(), batch.labels);
+  auto loss = model::scored_causal_lm_loss(model, on_device.input_ids, on_device.attention_mask,
+                                           has_pixels ? on_device.pixel_values : torch::Tensor(), on_device.labels);
   const int64_t n = scored_tokens(batch.labels);
   if (n == 0) return loss;  // 0 that keeps the graph; contributes nothing
   return loss * (static_cast<double>(n) / window_tokens);
@@ -371,7 +283,7 @@ std::vector<RankMemory> gather_memory(const ShardedAdamW& optimizer, dist::Commu
                              static_cast<double>(m.grads), static_cast<double>(m.optimizer),
                              static_cast<double>(m.transient)},
                             torch::kFloat64);
-  auto all = comm.world_size() > 1 ? comm.all_gather(mine) : mine;
+  auto all = comm.world_size() > 1 ? comm.all_gather(mine.to(comm.device())).cpu() : mine;
   std::vector<RankMemory> out;
   auto at = [&](int64_t i) { return static_cast<int64_t>(all[i].item<double>()); };
   for (int64_t r = 0; r < all.numel() / 5; ++r)
@@ -381,7 +293,7 @@ std::vector<RankMemory> gather_memory(const ShardedAdamW& optimizer, dist::Commu
 
 void write_metrics(const std::string& path, const std::vector<StepMetrics>& history,
                    const std::vector<Trainable>& trainables, const ShardedAdamW& optimizer,
-                   const std::vector<RankMemory>& memory) {
+                   const std::vector<RankMemory>& memory, const std::vector<SaveTiming>& saves) {
   nlohmann::json steps = nlohmann::json::array();
   for (auto& m : history)
     steps.push_back({{"step", m.step}, {"loss", m.loss}, {"grad_norm", m.grad_norm},
@@ -409,7 +321,12 @@ void write_metrics(const std::string& path, const std::vector<StepMetrics>& hist
                          {"trainable_numel", layout.total_numel}, {"shard_numel", layout.shard_numel},
                          {"largest_param_numel", largest}, {"bucket_numel", optimizer.bucket_numel()},
                          {"peak_memory", peak}};
-  io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}, {"zero", zero}}.dump(1) + "\n");
+  nlohmann::json save_times = nlohmann::json::array();  // rank 0's: how long each save held the step, and wrote
+  for (auto& t : saves)
+    save_times.push_back({{"step", t.step}, {"waited_seconds", t.waited_seconds}, {"blocked_seconds", t.blocked_seconds},
+                          {"write_seconds", t.write_seconds}, {"update_waited_seconds", t.update_waited_seconds}});
+  io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}, {"zero", zero}, {"saves", save_times}}
+                                  .dump(1) + "\n");
 }
 
 }  // namespace
@@ -438,8 +355,11 @@ std::string format_float(double x) {
 
 std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& debug, std::ostream& main_log) {
   // One process, or one rank of a torchrun / llava-run launch: the same recipe, data cut by rank.
+  // The device first: a CUDA device this machine lacks is a config error before anything else happens.
+  const torch::Device device = training_device(cfg, dist::read_dist_env().local_rank);
   dist::CommOptions comm_options;
   comm_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.ddp_timeout * 1000));
+  comm_options.device = device;  // NCCL for CUDA tensors when built with it, else Gloo
   auto comm = dist::Communicator::from_env(comm_options);
   const bool is_main = comm.rank() == 0;
   std::ostream null_log(nullptr);  // other ranks log nothing
@@ -462,7 +382,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
 
   // Model, then what trains. bf16: the model computes in bf16; the optimizer keeps fp32 masters.
   auto loaded = model::load_model(cfg.model_name_or_path, cfg.bf16 ? torch::kBFloat16 : torch::kFloat32,
-                                  cfg.vision_tower);
+                                  cfg.vision_tower, device);
   auto& model = loaded.model;
   model->train();
   model->set_gradient_checkpointing(cfg.gradient_checkpointing);
@@ -562,6 +482,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     std::signal(SIGTERM, note_interrupt);
     std::signal(SIGINT, note_interrupt);
   }
+  CheckpointSaver saver(cfg, loaded, lora, lora_config_for(cfg), optimizer, comm, async_save_enabled(cfg, device));
   Watchdog watchdog(cfg.step_timeout, comm.rank(), step);  // step_timeout: a rank stuck anywhere exits
   for (int64_t epoch = first_epoch; epoch < epochs && step < max_steps && !stopped; ++epoch) {
     // A resumed run starts at the next window of its epoch: no batch is replayed.
@@ -585,7 +506,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       auto window_tokens = torch::zeros({1}, torch::kFloat64);
       for (auto& b : micro_batches) window_tokens += static_cast<double>(scored_tokens(b.labels));
       watchdog.enter(Phase::collective);
-      if (comm.world_size() > 1) comm.allreduce(window_tokens, dist::Reduce::Sum);
+      allreduce_sum(comm, window_tokens);
       const auto tokens = std::max<int64_t>(static_cast<int64_t>(window_tokens.item<double>()), 1);
       scored_any = scored_any || window_tokens.item<double>() > 0;
       if (!scored_any && (step - first_step + 1 >= steps_per_epoch || step + 1 >= max_steps)) {
@@ -596,24 +517,29 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
                     std::to_string(cfg.data.model_max_length) + ")");
       }
 
-      auto loss_sum = torch::zeros({1}, torch::kFloat64);
-      for (auto& b : micro_batches) {
+      // The window's batches go to the device at once: the copies run while the first forward starts.
+      std::vector<data::Batch> on_device;
+      for (auto& b : micro_batches) on_device.push_back(batch_on_device(b, device));
+      // Summed where the losses are, read back once per step (the NaN/Inf policy and the log need it).
+      auto loss_sum = torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(device));
+      for (size_t i = 0; i < micro_batches.size(); ++i) {
         watchdog.enter(Phase::forward);
-        auto l = micro_batch_loss(model, b, tokens);
+        auto l = micro_batch_loss(model, micro_batches[i], on_device[i], tokens);
         watchdog.enter(Phase::backward);
         if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
         optimizer.finish_micro_batch();       // every rank (ZeRO 2: the buckets its backward did not reduce)
-        loss_sum += l.item<double>();
+        loss_sum += l.detach().to(torch::kFloat64);
         if (++micro_batches_run == debug.stop_after_micro_batches) return history;  // as if killed here
       }
       watchdog.enter(Phase::collective);
-      if (comm.world_size() > 1) comm.allreduce(loss_sum, dist::Reduce::Sum);
+      allreduce_sum(comm, loss_sum);
       const double loss = loss_sum.item<double>();
       batches_seen += static_cast<int64_t>(micro_batches.size());
 
       const double grad_norm = optimizer.reduce_gradients();  // the same on every rank
       const double factor = schedule.factor(step);
       if (std::isfinite(loss) && std::isfinite(grad_norm)) {
+        saver.before_update();  // an async save reading the parameters and moments in place ends first
         optimizer.update(cfg.max_grad_norm, factor);
       } else if (cfg.skip_nonfinite_steps) {
         optimizer.discard();
@@ -649,12 +575,12 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         last_logged_step = step;
       }
       watchdog.enter(Phase::save);
-      if (save_every && step % cfg.save_steps == 0)
-        save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
+      saver.check();  // a background save that failed ends the run here, on every rank
+      if (save_every && step % cfg.save_steps == 0) saver.save(state, signature(step), schedule.factor(step));
       if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
       if (cfg.save_on_interrupt && interrupt_requested(comm)) {
-        if (!(save_every && step % cfg.save_steps == 0))
-          save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
+        if (!(save_every && step % cfg.save_steps == 0)) saver.save(state, signature(step), schedule.factor(step));
+        saver.finish();
         progress.log("interrupted by a signal: saved checkpoint-" + std::to_string(step) + ", stopping");
         stopped = true;
       }
@@ -664,17 +590,18 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   progress.finish();
   auto masked_counts = torch::tensor({static_cast<double>(masked_samples.masked_drawn()), static_cast<double>(samples_drawn)},
                                      torch::kFloat64);
-  if (comm.world_size() > 1) comm.allreduce(masked_counts, dist::Reduce::Sum);
+  allreduce_sum(comm, masked_counts);
   const auto masked_summary = masked_samples.summary(static_cast<int64_t>(masked_counts[0].item<double>()),
                                                      static_cast<int64_t>(masked_counts[1].item<double>()));
   if (!masked_summary.empty()) log << masked_summary << std::endl;
   watchdog.enter(Phase::save);
   // HF Trainer saves at the end too (unless the last step just did).
   if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
-    save_checkpoint(cfg, loaded, lora, optimizer, state, signature(step), schedule.factor(step), comm);
+    saver.save(state, signature(step), schedule.factor(step));
+  saver.finish();
   if (!debug.metrics_out.empty()) {
     const auto memory = gather_memory(optimizer, comm);
-    if (is_main) write_metrics(debug.metrics_out, history, trainables, optimizer, memory);
+    if (is_main) write_metrics(debug.metrics_out, history, trainables, optimizer, memory, saver.timings());
   }
   if (!debug.save_trainables.empty()) {  // rank 0 at the path, rank R > 0 at path.rank<R>
     io::NamedTensors out;

@@ -143,6 +143,14 @@ CASES = [
     ("projector_unknown", train_set(mm_projector_type="qformer"), ["key 'mm_projector_type'", "qformer"]),
     ("select_feature_contradicts", train_set(mm_vision_select_feature="cls_patch"), ["key 'mm_vision_select_feature'"]),
     ("fp16_true", train_set(fp16=True), ["key 'fp16'"]),
+    # --- the device: a value outside the list, a CUDA device this build/machine lacks (no GPU in CI; cuda:1023
+    # is refused on any machine), use_cpu contradicting device, async_save not a boolean
+    ("device_unknown", train_set(device="tpu"), ["train.yaml", "key 'device'", "expected auto, cpu, cuda or cuda:N", "'tpu'"]),
+    ("device_index_text", train_set(device="cuda:x"), ["key 'device'", "cuda:N", "'cuda:x'"]),
+    ("device_index_huge", train_set(device="cuda:99999"), ["key 'device'", "0 to 1023", "'cuda:99999'"]),
+    ("device_cuda_missing", train_set(device="cuda:1023"), ["train.yaml", "key 'device'", "cuda:1023", "device: cpu"]),
+    ("use_cpu_and_cuda", train_set(use_cpu=True, device="cuda"), ["key 'use_cpu'", "device: cuda"]),
+    ("async_save_not_bool", train_raw("async_save: sometimes\n"), ["key 'async_save'", "expected true or false"]),
     # --- --set forms
     ("set_no_equals", lambda w, d: ["train", config(w, d), "--set", "lora_r"], ["--set lora_r", "expected key=value"]),
     ("set_no_key", lambda w, d: ["train", config(w, d), "--set", "=3"], ["--set =3", "expected key=value"]),

@@ -227,3 +227,38 @@ def test_two_nodes_on_loopback_restart_in_the_same_round_and_end_bitwise(world):
         assert "worker rank 1 (node 1, local rank 0" in text and "worker rank 0 (node 0, local rank 0" in text
         assert "address already in use" not in text.lower()
     assert_bitwise(world, name)
+
+
+ASYNC_RUN = {**RUN, "async_save": True}  # writes what synchronous saves write (test_train_features.py)
+
+
+def test_sigkills_with_async_saves_one_launcher_invocation_ends_bitwise(world):
+    """async_save: true (every save written by a background thread while the next steps run): SIGKILLs at the
+    same three kinds of moment, at least 3 of them while a background write is running (its .partial folder,
+    made in the step, exists until the thread commits it). Each restart resumes from the newest COMPLETE
+    checkpoint, and the run ends bitwise equal to an uninterrupted one (async saves write what synchronous
+    ones do: test_train_features.py)."""
+    reference(world)  # the uninterrupted run with synchronous saves: async ones must not change a bit
+    name = "ft_chaos_async"
+    log = world["root"] / f"{name}.log"
+    start = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(supervised(world, name, ASYNC_RUN, "--max_restarts=30", "--shutdown_timeout=2"),
+                                stdout=out, stderr=subprocess.STDOUT)
+        chaos = Chaos(proc, world["root"] / name, kills=12, seed=23)
+        chaos.start()
+        code = proc.wait(timeout=600)
+        chaos.join(timeout=5)
+    text = log.read_text()
+    assert chaos.error is None, chaos.error
+    assert code == 0, text[-3000:]
+    kills = chaos.kills
+    print(f"\n{len(kills)} SIGKILLs with async saves ({kills}) in {time.time() - start:.1f}s, "
+          f"{text.count('restarting every worker')} restarts, exit 0")
+    assert len(kills) >= 10
+    assert text.count("restarting every worker") == len(kills)
+    assert sum(in_save for _, in_save in kills) >= 3  # during a background write
+    for bad in ("address already in use", "did not join", "not a checkpoint", "failed on another rank"):
+        assert bad not in text.lower(), bad
+    assert not list((world["root"] / name).glob("checkpoint-*/*.partial"))
+    assert_bitwise(world, name)

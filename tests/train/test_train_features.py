@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from llava_oracle import binary, run
+from llava_oracle import assert_clear_error, binary, run
 from train_fixtures import make_train_world
 
 LORA = {"lora_enable": True, "lora_r": 4, "lora_alpha": 8}
@@ -74,6 +74,106 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_masters(world):
         assert torch.equal(masters[matches[0]].to(torch.bfloat16), t), name
     state = torch.load(str(ckpt / "optimizer.pt"), weights_only=True)["state"]
     assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+
+
+def test_device_cpu_is_the_default_and_cuda_without_a_gpu_is_one_clear_error(world):
+    """device: cpu, use_cpu: true and device: auto (no GPU here) train exactly what the default does, checkpoint
+    files byte for byte (the RNG file holds no CUDA state); device: cuda on a machine or build without CUDA is
+    one error line naming the key, exit 1, and output_dir is never created."""
+    assert not torch.cuda.is_available()  # CI's machine: this test is about the CPU
+    s = {**LORA, "save_strategy": "steps", "save_steps": 3}
+    _, default, default_w = train(world, "device_default", s)
+    ckpt = world["root"] / "device_default" / "checkpoint-6"
+    for name, extra in [("device_cpu", {"device": "cpu"}), ("device_use_cpu", {"use_cpu": True}),
+                        ("device_auto", {"device": "auto"}), ("device_cpu_async", {"device": "cpu", "async_save": False})]:
+        _, steps, weights = train(world, name, {**s, **extra})
+        assert steps == default, name  # losses, grad norms, learning rates: bitwise
+        for n in default_w:
+            assert torch.equal(weights[n], default_w[n]), (name, n)
+        for f in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "llava_rng_state.safetensors",
+                  "non_lora_trainables.bin", "trainer_state.json"):
+            assert (world["root"] / name / "checkpoint-6" / f).read_bytes() == (ckpt / f).read_bytes(), (name, f)
+    assert list(load_file(str(ckpt / "llava_rng_state.safetensors"))) == ["rank_0"]
+    # A GPU run's checkpoint (its RNG file also holds the CUDA generator, "cuda_rank_R") resumes on the CPU:
+    # the CUDA state is ignored and the continuation is bitwise the uninterrupted run's.
+    import shutil
+    gpu_like = world["root"] / "device_gpu_like"
+    shutil.copytree(world["root"] / "device_default" / "checkpoint-3", gpu_like / "checkpoint-3")
+    rng = load_file(str(gpu_like / "checkpoint-3" / "llava_rng_state.safetensors"))
+    save_file({**rng, "cuda_rank_0": torch.arange(16, dtype=torch.uint8)},
+              str(gpu_like / "checkpoint-3" / "llava_rng_state.safetensors"))
+    _, resumed, resumed_w = train(world, "device_gpu_like", {**s, "resume_from_checkpoint": "auto"})
+    assert resumed == default[3:]
+    for n in default_w:
+        assert torch.equal(resumed_w[n], default_w[n]), n
+    proc, _, _ = train(world, "device_cuda", {**s, "device": "cuda"}, check=False)
+    assert_clear_error(proc, "device_cuda.yaml", "key 'device'", "cuda", "use device: cpu")
+    assert not (world["root"] / "device_cuda").exists() and not (world["root"] / "device_cuda.json").exists()
+    print(f"device cpu / use_cpu / auto: {len(default)} steps, weights and checkpoint files bitwise the default's; "
+          f"device: cuda -> {proc.stderr.strip()}")
+
+
+ASYNC_CASES = [("lora", 1, {}), ("full+vision", 1, {"unfreeze_mm_vision_tower": True}),
+               ("lora_zero2", 2, {"zero_stage": 2}), ("bf16_zero1", 2, {"bf16": True, "zero_stage": 1})]
+
+
+@pytest.mark.parametrize("name,ranks,settings", ASYNC_CASES, ids=[c[0] for c in ASYNC_CASES])
+def test_async_save_writes_what_the_synchronous_save_writes(world, name, ranks, settings):
+    """async_save: true (a background thread writes each checkpoint while the next steps run; under ZeRO every
+    rank writes its shard in its own thread and rank 0 commits once all are there) trains exactly as the
+    synchronous save does and writes every checkpoint byte for byte the same, rotation included; every save's
+    background write is reported done (bench/bench_async_save.py measures how long the step is held)."""
+    s = {**(LORA if "lora" in name or "zero1" in name else {}), **settings, "save_strategy": "steps", "save_steps": 1,
+         "save_total_limit": 3}
+    runs = {}
+    for mode in (False, True):
+        run_name = f"async_{name}_{mode}"
+        run(command(world, run_name, {**s, "async_save": mode}, ranks))
+        runs[mode] = finished(world, run_name, ranks)
+    assert runs[True][0] == runs[False][0]
+    for n in runs[False][1]:
+        assert torch.equal(runs[True][1][n], runs[False][1][n]), n
+    sync_out, async_out = world["root"] / f"async_{name}_False", world["root"] / f"async_{name}_True"
+    names = sorted(p.name for p in sync_out.iterdir())
+    assert names == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]  # rotation ran in the background too
+    assert sorted(p.name for p in async_out.iterdir()) == names
+    files = 0
+    for ckpt in names:
+        for f in sorted((sync_out / ckpt).rglob("*")):
+            if f.is_file():
+                assert (async_out / ckpt / f.relative_to(sync_out / ckpt)).read_bytes() == f.read_bytes(), f
+                files += 1
+    saves = json.loads((world["root"] / f"async_{name}_True.json").read_text())["saves"]
+    assert [t["step"] for t in saves] == list(range(1, 7)) and all(t["write_seconds"] > 0 for t in saves)
+    print(f"{name}, {ranks} rank(s): 6 async saves, {files} checkpoint files byte-equal to the synchronous run's; "
+          f"blocked {[round(t['blocked_seconds'], 4) for t in saves]} s, written in "
+          f"{[round(t['write_seconds'], 4) for t in saves]} s")
+
+
+def test_a_failed_background_save_ends_every_rank_and_keeps_the_previous_checkpoint(world):
+    """2 ranks, async_save: rank 0 runs out of space (the disk-full injection) in the background write of the
+    second save. Both ranks end at the next step with an error: rank 0 names the file and ENOSPC, rank 1 says
+    the save failed on another rank; checkpoint-1 stays, byte for byte the undisturbed run's, and the failed
+    save leaves no partial folder."""
+    s = {**LORA, "max_steps": 4, "save_strategy": "steps", "save_steps": 1, "async_save": True}
+    run(command(world, "async_fault_ref", s, 2))
+    ref = world["root"] / "async_fault_ref" / "checkpoint-1"
+    first = sum(f.stat().st_size for f in ref.rglob("*") if f.is_file())
+    env = {**os.environ, "LLAVA_FAULT_WRITE_AFTER_BYTES": str(first + first // 2)}  # inside the second save
+    proc = subprocess.run(command(world, "async_fault", s, 2), env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text
+    errors = [l for l in text.splitlines() if ":error:" in l]
+    assert any(l.startswith("[rank0]:error:") and ".checkpoint-2.partial/" in l and "No space left on device" in l
+               for l in errors), errors
+    assert "[rank1]:error: saving checkpoint-2 failed on another rank (see its error)" in errors, errors
+    assert "'loss'" in text and text.count("{'loss'") <= 3  # ended in step 3 at the latest
+    out = world["root"] / "async_fault"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    for f in ref.rglob("*"):
+        if f.is_file():
+            assert (out / "checkpoint-1" / f.relative_to(ref)).read_bytes() == f.read_bytes(), f
+    print(f"2 ranks, async save of step 2 out of space: {errors}")
 
 
 def test_nonfinite_loss_stops_or_skips(world, tmp_path):

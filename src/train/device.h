@@ -1,0 +1,30 @@
+// Where training runs: the `device` config key resolved against this machine and build, and the moves
+// that put batches there. Every path compiles in a CPU-only libtorch too: CUDA is asked for at run time
+// (torch::cuda::is_available()), so a CPU build refuses `device: cuda` with a clear error instead of
+// lacking the code. On the CPU every helper here is the identity (no copy, no pinning).
+#pragma once
+#include <torch/torch.h>
+
+#include "data/loader.h"
+#include "distributed/communicator.h"
+#include "train/config.h"
+
+namespace llava::train {
+
+// device: auto -> cuda:LOCAL_RANK when CUDA is available, else cpu; cpu (or use_cpu: true); cuda ->
+// cuda:LOCAL_RANK; cuda:N. A CUDA device this build or machine does not have: one llava::Error naming
+// the config file and the key (called before anything is written).
+torch::Device training_device(const TrainConfig& c, int local_rank);
+
+// async_save as set, else on for CUDA and off for the CPU.
+bool async_save_enabled(const TrainConfig& c, const torch::Device& device);
+
+// The batch's tensors on `device`: through page-locked host memory, copied without waiting (the copy
+// overlaps whatever the device still runs), when the device is CUDA; the batch itself on the CPU.
+data::Batch batch_on_device(data::Batch batch, const torch::Device& device);
+
+// Sums `t` over the ranks. The backend takes its buffers on the communicator's device (NCCL: the CUDA
+// device only), so a host tensor makes the trip there and back; on the CPU this is the plain all-reduce.
+void allreduce_sum(dist::Communicator& comm, torch::Tensor& t);
+
+}  // namespace llava::train
