@@ -10,6 +10,7 @@
 #include "io/error.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
+#include "train/device.h"
 #include "train/pretrained_parts.h"
 
 namespace {
@@ -27,6 +28,7 @@ int run_eval_logits(int argc, char** argv) {
       ("batch", "input safetensors (input_ids, attention_mask, pixel_values, labels)", cxxopts::value<std::string>())
       ("out", "output safetensors (logits, loss)", cxxopts::value<std::string>())
       ("dtype", "fp32 or bf16 (weights and compute)", cxxopts::value<std::string>()->default_value("fp32"))
+      ("device", "cpu, cuda, cuda:N or auto", cxxopts::value<std::string>()->default_value("cpu"))
       ("vision-tower", "CLIP dir for an original-LLaVA model (overrides mm_vision_tower)",
        cxxopts::value<std::string>()->default_value(""))
       ("h,help", "show help");
@@ -39,7 +41,9 @@ int run_eval_logits(int argc, char** argv) {
     if (!args.count(required)) llava::fail("eval-logits", std::string("--") + required + " is required");
 
   auto dtype = llava::model::parse_dtype(args["dtype"].as<std::string>());
-  auto loaded = llava::model::load_model(args["model"].as<std::string>(), dtype, args["vision-tower"].as<std::string>());
+  const auto device = llava::train::resolve_device(args["device"].as<std::string>(), 0, "eval-logits --device", "--device ");
+  auto loaded =
+      llava::model::load_model(args["model"].as<std::string>(), dtype, args["vision-tower"].as<std::string>(), device);
   if (args.count("projector")) llava::train::load_projector_weights(loaded.model, args["projector"].as<std::string>());
   if (args.count("adapter")) llava::train::load_lora_adapter(loaded.model, args["adapter"].as<std::string>());
 
@@ -61,9 +65,10 @@ int run_eval_logits(int argc, char** argv) {
   auto labels = optional_tensor(batch, "labels");
 
   torch::NoGradGuard no_grad;
-  auto logits = loaded.model->forward(input_ids, attention_mask, pixel_values);
-  llava::io::NamedTensors out = {{"logits", logits.to(torch::kFloat32)}};
-  if (labels.defined()) out.emplace_back("loss", llava::model::causal_lm_loss(logits, labels));
+  auto on_device = [&](const torch::Tensor& t) { return t.defined() ? t.to(device) : t; };
+  auto logits = loaded.model->forward(on_device(input_ids), on_device(attention_mask), on_device(pixel_values));
+  llava::io::NamedTensors out = {{"logits", logits.to(torch::kCPU, torch::kFloat32)}};
+  if (labels.defined()) out.emplace_back("loss", llava::model::causal_lm_loss(logits, on_device(labels)).cpu());
   llava::io::save_safetensors(args["out"].as<std::string>(), out);
   return 0;
 }

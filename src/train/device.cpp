@@ -11,26 +11,39 @@ namespace llava::train {
 
 namespace {
 
-[[noreturn]] void no_such_device(const TrainConfig& c, const std::string& why) {
-  fail(c.source, "key 'device': " + c.device + " " + why + "; use device: cpu (or auto, which picks the CPU then)");
-}
-
 int cuda_devices() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
+
+// cuda:N -> N (N of at most 4 digits), else -1.
+int cuda_index(const std::string& text) {
+  const std::string digits = text.rfind("cuda:", 0) == 0 ? text.substr(5) : "";
+  if (digits.empty() || digits.size() > 4 || digits.find_first_not_of("0123456789") != std::string::npos) return -1;
+  return std::stoi(digits);
+}
 
 }  // namespace
 
-torch::Device training_device(const TrainConfig& c, int local_rank) {
-  if (c.use_cpu || c.device == "cpu") return torch::kCPU;
+torch::Device resolve_device(const std::string& text, int local_rank, const std::string& where,
+                             const std::string& setting) {
+  auto refuse = [&](const std::string& why) {
+    fail(where, text + " " + why + "; use " + setting + "cpu (or auto, which picks the CPU then)");
+  };
+  if (text == "cpu") return torch::kCPU;
+  if (text != "auto" && text != "cuda" && cuda_index(text) < 0)
+    fail(where, "expected auto, cpu, cuda or cuda:N (N a device index), got '" + text + "'");
   const int available = cuda_devices();
-  if (c.device == "auto") return available > 0 ? torch::Device(torch::kCUDA, local_rank % available) : torch::kCPU;
-  if (!at::detail::getCUDAHooks().isBuilt())
-    no_such_device(c, "needs CUDA, but this build of llava has none (its libtorch is CPU-only)");
-  if (available == 0) no_such_device(c, "needs a CUDA GPU, but none is visible (driver, CUDA_VISIBLE_DEVICES)");
-  const int index = c.device == "cuda" ? local_rank : std::stoi(c.device.substr(5));
+  if (text == "auto") return available > 0 ? torch::Device(torch::kCUDA, local_rank % available) : torch::kCPU;
+  if (!at::detail::getCUDAHooks().isBuilt()) refuse("needs CUDA, but this build of llava has none (its libtorch is CPU-only)");
+  if (available == 0) refuse("needs a CUDA GPU, but none is visible (driver, CUDA_VISIBLE_DEVICES)");
+  const int index = text == "cuda" ? local_rank : cuda_index(text);
   if (index >= available)
-    no_such_device(c, "names CUDA device " + std::to_string(index) + (c.device == "cuda" ? " (LOCAL_RANK)" : "") +
-                          ", but only " + std::to_string(available) + " are visible");
+    refuse("names CUDA device " + std::to_string(index) + (text == "cuda" ? " (LOCAL_RANK)" : "") + ", but only " +
+           std::to_string(available) + " are visible");
   return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
+torch::Device training_device(const TrainConfig& c, int local_rank) {
+  if (c.use_cpu) return torch::kCPU;
+  return resolve_device(c.device, local_rank, c.source + ": key 'device'", "device: ");
 }
 
 bool async_save_enabled(const TrainConfig& c, const torch::Device& device) {

@@ -16,6 +16,12 @@ namespace llava::train {
 // the config file and the key (called before anything is written).
 torch::Device training_device(const TrainConfig& c, int local_rank);
 
+// The same for any tool: `text` is auto | cpu | cuda | cuda:N; `where` starts every error line (e.g.
+// "eval-logits --device"), which names the text and why it cannot be had here, and suggests
+// `setting` + "cpu" (e.g. "--device cpu").
+torch::Device resolve_device(const std::string& text, int local_rank, const std::string& where,
+                             const std::string& setting);
+
 // async_save as set, else on for CUDA and off for the CPU.
 bool async_save_enabled(const TrainConfig& c, const torch::Device& device);
 
