@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/deepspeed_checkpoint.h"
 #include "checkpoint/peft_adapter.h"
 #include "data/config.h"
 #include "data/masked_samples.h"
@@ -26,6 +27,7 @@
 #include "model/lm_loss.h"
 #include "model/weights.h"
 #include "train/adamw.h"
+#include "train/deepspeed_resume.h"
 #include "train/hf_state.h"
 #include "train/lora.h"
 #include "train/pretrained_parts.h"
@@ -311,6 +313,11 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
   if (auto saved = read_run_signature(dir))
     for (auto& change : check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
   auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
+  if (checkpoint::is_deepspeed_checkpoint(dir)) {  // HF Trainer + DeepSpeed: weights and state in global_stepN/
+    if (!lora.empty()) load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");  // checks r / lora_alpha
+    restore_deepspeed_state(dir, loaded.model, optimizer);
+    return state;
+  }
   if (!lora.empty()) {
     load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");
     load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
@@ -537,6 +544,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   if (const std::string resume = checkpoint_to_resume(cfg); !resume.empty()) {
     const auto restored = restore_checkpoint(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(), log);
     step = restored.global_step;
+    state.global_step = step;  // a run resumed at max_steps saves checkpoint-<step>, not checkpoint-0
+    state.epoch = restored.epoch;
     state.log_history = restored.log_history;
     last_logged_step = step;  // as HF Trainer: the first log line averages over the steps this run makes
     if (const auto saved = read_run_signature(resume); saved && saved->logging) {  // ours: continue the line

@@ -1,0 +1,19 @@
+// Resuming a HF Trainer + DeepSpeed (ZeRO 1/2) checkpoint-N at any world size and ZeRO stage: the fp32
+// master weights and Adam moments DeepSpeed keeps in flat per-rank partitions (checkpoint/
+// deepspeed_checkpoint.h) become this run's trainable weights and per-parameter optimizer state, laid out
+// again for this run's ranks by ShardedAdamW. DeepSpeed's names (PEFT's base_model.model....lora_A.default
+// .weight, in any key layout PEFT and transformers use) are matched to this run's trainables by name.
+#pragma once
+#include <string>
+
+#include "model/llava.h"
+#include "train/sharded_adamw.h"
+
+namespace llava::train {
+
+// Every tensor this run trains must be in the checkpoint with its shape and every tensor the checkpoint
+// trained must be trained here; a fault is a llava::Error naming the file, before anything changes.
+void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForConditionalGeneration& model,
+                             ShardedAdamW& optimizer);
+
+}  // namespace llava::train

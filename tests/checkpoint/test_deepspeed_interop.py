@@ -1,0 +1,204 @@
+"""HF Trainer + PEFT + DeepSpeed checkpoints continued by `llava train` at any world size.
+
+A LLaVA stage-2 LoRA run (projector trained beside the adapters, fp32, dropout 0) under HF Trainer + DeepSpeed
+ZeRO-2 (and ZeRO-1) on 2 CPU ranks over Gloo, saving checkpoint-K (DeepSpeed's global_stepK/ layout: no
+optimizer.pt, no projector file), is continued by our trainer with 2, 1 and 3 ranks:
+- its losses for steps K+1..M are DeepSpeed's own (the same 2-rank run, uninterrupted: DeepSpeed's resume at
+  the same world size is bit-identical) within 1e-5 relative;
+- the optimizer state it carries over (our optimizer.pt written right at step K) is DeepSpeed's fp32
+  partitions and Adam moments mapped back to parameters here in Python (1e-6).
+Broken DeepSpeed files (a pickle naming another global, a truncated partition, a missing rank file, partitions
+that contradict param_shapes) end with one error line naming the file, nothing written.
+
+HF sees our batches: `llava preprocess` writes every global batch of our order (one rank, per-device batch =
+the global batch); HF's sequential sampler deals consecutive per-device batches to the ranks in turn, so each
+step takes the same rows as ours, at any world size here."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tiny_llava
+from llava_oracle import assert_clear_error, binary, run
+from train_fixtures import make_train_world
+
+HERE = Path(__file__).parent
+SAMPLES = 12
+GLOBAL_BATCH = 6           # 2 ranks x 3; 1 rank: 3 x accumulation 2; 3 ranks: 2
+EPOCHS = 3                 # rows HF gets: enough that its sampler never wraps
+K, M = 2, 5                # DeepSpeed saves checkpoint-K; both continue to M (crossing our epoch boundary)
+LORA = {"lora_enable": True, "lora_r": 4, "lora_alpha": 8}
+RECIPE = {"seed": 11, "logging_steps": 1, "learning_rate": 5e-3, "lr_scheduler_type": "cosine",
+          "warmup_steps": 1, "weight_decay": 0.1, "max_grad_norm": 1.0}
+PER_RANK = {1: {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2},
+            2: {"per_device_train_batch_size": 3}, 3: {"per_device_train_batch_size": 2}}
+
+
+def torchrun():
+    return str(Path(sys.executable).parent / "torchrun")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepspeed")
+    model, base = make_train_world(root, SAMPLES)
+    w = {"root": root, "model": model, "base": {**base, **RECIPE, **LORA}}
+    w["rows"] = global_rows(w)
+    return w
+
+
+def write_config(world, name, settings):
+    path = world["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**world["base"], "output_dir": str(world["root"] / name), **settings}))
+    return path
+
+
+def global_rows(world):
+    """Our global batches of EPOCHS epochs, as rows (each batch padded to one length), torch.saved for HF."""
+    cfg = write_config(world, "data", {"per_device_train_batch_size": GLOBAL_BATCH})
+    image_token = world["model"].config.image_token_index
+    rows = []
+    for epoch in range(EPOCHS):
+        f = world["root"] / f"batches{epoch}.safetensors"
+        run([binary(), "preprocess", cfg, "--out", f, "--limit", 1000, "--epoch", epoch])
+        t = load_file(str(f))
+        for i in range(len({k.split(".")[0] for k in t})):
+            b = {k: t[f"batch{i}.{k}"] for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
+            image = 0
+            for r in range(b["input_ids"].shape[0]):
+                n = int(bool((b["input_ids"][r] == image_token).any()))
+                rows.append({"input_ids": b["input_ids"][r], "labels": b["labels"][r],
+                             "attention_mask": b["attention_mask"][r], "pixel_values": b["pixel_values"][image:image + n]})
+                image += n
+    assert len(rows) == EPOCHS * SAMPLES
+    path = world["root"] / "rows.pt"
+    torch.save(rows, path)
+    return path
+
+
+def deepspeed_run(world, name, zero_stage, max_steps, save_steps, bf16=False, ranks=2):
+    """HF Trainer + PEFT + DeepSpeed on `ranks` CPU ranks; returns (output dir, rank 0's log)."""
+    out = world["root"] / name
+    spec = {"model_dir": world["base"]["model_name_or_path"], "rows": str(world["rows"]), "output_dir": str(out),
+            "batch": GLOBAL_BATCH // ranks, "max_steps": max_steps, "save_steps": save_steps, "zero_stage": zero_stage,
+            "bf16": bf16, "lora": {"r": LORA["lora_r"], "alpha": LORA["lora_alpha"], "dropout": 0.0},
+            "recipe": RECIPE, "resume": None, "log": str(world["root"] / f"{name}.log.json")}
+    spec_file = world["root"] / f"{name}.spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run([torchrun(), "--standalone", "--nproc_per_node", ranks, HERE / "deepspeed_run.py", spec_file], env=env)
+    return out, json.loads(Path(spec["log"]).read_text())
+
+
+@pytest.fixture(scope="module")
+def zero2(world):
+    return deepspeed_run(world, "ds_zero2", 2, M, K)
+
+
+def train(world, name, ranks, settings, check=True):
+    """`llava train` on `ranks` processes (llava-run for more than one); returns (process, metrics or None)."""
+    metrics = world["root"] / f"{name}.metrics.json"
+    cmd = [binary(), "train", write_config(world, name, {**PER_RANK[ranks], **settings}), "--metrics-out", metrics]
+    if ranks > 1:
+        cmd = [binary("LLAVA_RUN"), "--standalone", f"--nproc_per_node={ranks}", *cmd]
+    proc = run(cmd, check=check, env={**os.environ, "OMP_NUM_THREADS": "1", "LLAVA_DIST_TIMEOUT": "120"})
+    return proc, (json.loads(metrics.read_text()) if proc.returncode == 0 else None)
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def deepspeed_state(ckpt):
+    """DeepSpeed's fp32 partitions and Adam moments put back per parameter here (the test's own mapping):
+    {PEFT name: (master, exp_avg, exp_avg_sq, step, group)}."""
+    tag = ckpt / (ckpt / "latest").read_text().strip()
+    shapes = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["param_shapes"]
+    files = sorted(tag.glob("*zero_pp_rank_*_optim_states.pt"), key=lambda f: int(f.name.split("rank_")[1].split("_")[0]))
+    ranks = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
+    out = {}
+    for g, group in enumerate(shapes):
+        flat = {k: torch.cat([r["base_optimizer_state"]["state"][g][k] for r in ranks]) for k in ("exp_avg", "exp_avg_sq")}
+        flat["master"] = torch.cat([r["single_partition_of_fp32_groups"][g] for r in ranks])
+        step = int(ranks[0]["base_optimizer_state"]["state"][g]["step"])
+        offset = 0
+        for name, shape in group.items():
+            n = shape.numel()
+            out[name] = tuple(flat[k][offset:offset + n].view(shape) for k in ("master", "exp_avg", "exp_avg_sq")) + (step, g)
+            offset += n
+    return out
+
+
+def canonical(peft_name):
+    n = peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".default.", ".")
+    return tiny_llava.canonical_name(n)
+
+
+@pytest.fixture(scope="module")
+def zero_stage(request):  # parametrized by each test (indirect)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def deepspeed(world, zero_stage):
+    """DeepSpeed's 2-rank run to M, saving checkpoint-K (and on): the checkpoint and DeepSpeed's own losses."""
+    out, log = deepspeed_run(world, f"ds_zero{zero_stage}", zero_stage, M, K)
+    assert [s["step"] for s in log["steps"]] == list(range(1, M + 1))
+    return out / f"checkpoint-{K}", log
+
+
+# ZeRO-1's files differ from ZeRO-2's only in zero_stage: one world size for it.
+@pytest.mark.parametrize("zero_stage, ranks", [(2, 2), (2, 1), (2, 3), (1, 3)], indirect=["zero_stage"])
+def test_we_continue_a_deepspeed_checkpoint_at_any_world_size(world, zero_stage, deepspeed, ranks):
+    ckpt, log = deepspeed
+    assert not (ckpt / "optimizer.pt").exists() and not (ckpt / "non_lora_trainables.bin").exists()
+    name = f"from_ds{zero_stage}_{ranks}r"
+    proc, metrics = train(world, name, ranks, {"max_steps": M, "save_steps": 100, "resume_from_checkpoint": str(ckpt)})
+    assert f"resuming from {ckpt} at step {K}" in proc.stdout
+    ours = metrics["steps"]
+    assert [s["step"] for s in ours] == list(range(K + 1, M + 1))
+    print(f"\nZeRO-{zero_stage} checkpoint-{K} of 2 DeepSpeed ranks continued by us on {ranks}: step, loss ours/DeepSpeed")
+    worst = 0.0
+    for o, d in zip(ours, log["steps"][K:]):
+        print(f"  {o['step']}: {o['loss']:.9g}/{d['loss']:.9g}  lr {o['learning_rate']:.6g}/{d['learning_rate']:.6g}")
+        worst = max(worst, rel(o["loss"], d["loss"]))
+        assert rel(o["learning_rate"], d["learning_rate"]) <= 1e-9
+    print(f"  worst relative loss difference {worst:.2e}")
+    assert worst <= 1e-5
+
+
+@pytest.mark.parametrize("zero_stage", [2, 1], indirect=True)
+def test_moments_and_weights_carry_over(world, zero_stage, deepspeed):
+    """Resumed and saved at once (max_steps = K): our optimizer.pt and trained tensors are DeepSpeed's."""
+    ckpt, _ = deepspeed
+    name = f"carry_ds{zero_stage}"
+    train(world, name, 3, {"max_steps": K, "save_steps": 100, "resume_from_checkpoint": str(ckpt), "zero_stage": 2})
+    ours = world["root"] / name / f"checkpoint-{K}"
+    ds = deepspeed_state(ckpt)
+    trainable = [canonical(n) for n in ds]
+    state = torch.load(ours / "optimizer.pt", weights_only=True)
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    assert len(ids) == len(ds)
+    weights = {canonical(n): t for n, t in load_file(str(ours / "adapter_model.safetensors")).items()}
+    weights.update({canonical(n): t for n, t in torch.load(ours / "non_lora_trainables.bin", weights_only=True).items()})
+    # Our optimizer.pt lists the parameters group by group in named_parameters() order, as HF's do.
+    order = [n for g in range(2) for n, v in ds.items() if v[4] == g]
+    worst = 0.0
+    for i, name in zip(ids, order):
+        master, exp_avg, exp_avg_sq, step, _ = ds[name]
+        s = state["state"][i]
+        assert int(s["step"]) == step == K
+        for got, want in ((s["exp_avg"], exp_avg), (s["exp_avg_sq"], exp_avg_sq), (weights[canonical(name)], master)):
+            assert got.shape == want.shape, name
+            worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item())
+    print(f"\nZeRO-{zero_stage}: {len(ds)} tensors, moments and weights vs DeepSpeed's partitions: worst {worst:.2e}")
+    assert sorted(weights) == sorted(trainable)
+    assert worst <= 1e-6
