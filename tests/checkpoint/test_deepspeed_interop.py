@@ -16,6 +16,7 @@ step takes the same rows as ours, at any world size here."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -202,3 +203,70 @@ def test_moments_and_weights_carry_over(world, zero_stage, deepspeed):
     print(f"\nZeRO-{zero_stage}: {len(ds)} tensors, moments and weights vs DeepSpeed's partitions: worst {worst:.2e}")
     assert sorted(weights) == sorted(trainable)
     assert worst <= 1e-6
+
+
+# --- Broken DeepSpeed files ------------------------------------------------------------------------------------
+
+RANK1 = "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+MODEL_STATES = "global_step2/mp_rank_00_model_states.pt"
+
+
+def rename_global(ckpt):
+    """LossScaler -> LossScalex in rank 1's pickle (same length, so the archive stays readable)."""
+    path = ckpt / RANK1
+    data = path.read_bytes()
+    assert data.count(b"loss_scaler\nLossScaler\n") == 1
+    path.write_bytes(data.replace(b"loss_scaler\nLossScaler\n", b"loss_scaler\nLossScalex\n"))
+
+
+def truncate_partition(ckpt):
+    """Rank 1's fp32 partition and moments of group 0 lose their last element."""
+    state = torch.load(ckpt / RANK1, weights_only=False)
+    osd = state["optimizer_state_dict"]
+    osd["single_partition_of_fp32_groups"][0] = osd["single_partition_of_fp32_groups"][0][:-1].clone()
+    for k in ("exp_avg", "exp_avg_sq"):
+        osd["base_optimizer_state"]["state"][0][k] = osd["base_optimizer_state"]["state"][0][k][:-1].clone()
+    torch.save(state, ckpt / RANK1)
+
+
+def contradict_param_shapes(ckpt):
+    """param_shapes says the first tensor of group 0 is one column narrower than the partitions hold."""
+    state = torch.load(ckpt / MODEL_STATES, weights_only=False)
+    first = next(iter(state["param_shapes"][0]))
+    rows, cols = state["param_shapes"][0][first]
+    state["param_shapes"][0][first] = torch.Size([rows, cols - 1])
+    torch.save(state, ckpt / MODEL_STATES)
+
+
+def truncate_file(name):
+    def corrupt(ckpt):
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(data[:len(data) // 2])
+    return corrupt
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.mark.parametrize("zero_stage", [2], indirect=True)
+@pytest.mark.parametrize("corrupt, needles", [
+    (rename_global, [RANK1, "forbidden global 'deepspeed.runtime.fp16.loss_scaler.LossScalex'"]),
+    (truncate_partition, [RANK1, "group 0: the fp32 partition has"]),
+    (lambda ckpt: (ckpt / RANK1).unlink(), [RANK1, "missing", "2 ranks"]),
+    (contradict_param_shapes, ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "do not hold", MODEL_STATES]),
+    (truncate_file(RANK1), [RANK1, "not a readable torch.save archive"]),
+], ids=["other-global", "truncated-partition", "missing-rank-file", "contradicts-param-shapes", "truncated-file"])
+def test_broken_deepspeed_checkpoint_is_a_clear_error_and_changes_nothing(world, zero_stage, deepspeed, corrupt,
+                                                                          needles, request):
+    name = "bad_" + re.sub(r"\W", "_", request.node.callspec.id)
+    out = world["root"] / name
+    ckpt = out / f"checkpoint-{K}"
+    shutil.copytree(deepspeed[0], ckpt)
+    corrupt(ckpt)
+    before = snapshot(out)
+    proc, _ = train(world, name, 1, {"max_steps": M, "save_steps": 1, "resume_from_checkpoint": str(ckpt)}, check=False)
+    print(f"\n  {request.node.callspec.id}: {proc.stderr.strip()}")
+    assert_clear_error(proc, *needles)
+    assert snapshot(out) == before
