@@ -15,6 +15,7 @@
 
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/deepspeed_checkpoint.h"
+#include "checkpoint/hf_rng_state.h"
 #include "checkpoint/peft_adapter.h"
 #include "data/config.h"
 #include "data/masked_samples.h"
@@ -293,6 +294,12 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
   });
 }
 
+// This rank's CPU generator (LoRA dropout draws from it): ours, else HF Trainer's rng_state[_R].pth.
+void restore_rng_state(const std::string& dir, int rank) {
+  if (auto rng = read_rng_state(dir, rank)) return set_cpu_rng_state(*rng);
+  if (auto rng = checkpoint::read_hf_cpu_rng_state(dir, rank)) set_cpu_rng_state(*rng);
+}
+
 // resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
 // or a checkpoint dir. Returns "" for a fresh start.
 std::string checkpoint_to_resume(const TrainConfig& cfg) {
@@ -316,6 +323,7 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
   if (checkpoint::is_deepspeed_checkpoint(dir)) {  // HF Trainer + DeepSpeed: weights and state in global_stepN/
     if (!lora.empty()) load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");  // checks r / lora_alpha
     restore_deepspeed_state(dir, loaded.model, optimizer);
+    restore_rng_state(dir, rank);
     return state;
   }
   if (!lora.empty()) {
@@ -336,7 +344,7 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
     optimizer.load_consolidated(whole);
     optimizer.load_master_weights(read_master_weights(dir));
   }
-  if (auto rng = read_rng_state(dir, rank)) set_cpu_rng_state(*rng);
+  restore_rng_state(dir, rank);
   return state;
 }
 
