@@ -62,35 +62,48 @@ def write_config(world, name, settings):
     return path
 
 
-def global_rows(world):
-    """Our global batches of EPOCHS epochs, as rows (each batch padded to one length), torch.saved for HF."""
-    cfg = write_config(world, "data", {"per_device_train_batch_size": GLOBAL_BATCH})
+def batch_rows(world, cfg, epoch, ranks, rank):
+    """The micro-batches `llava preprocess` writes for `rank` of `ranks` in `epoch`, each as a list of rows."""
+    f = world["root"] / f"batches{epoch}_{rank}of{ranks}.safetensors"
+    run([binary(), "preprocess", cfg, "--out", f, "--limit", 1000, "--epoch", epoch, "--world", ranks, "--rank", rank])
+    t = load_file(str(f))
     image_token = world["model"].config.image_token_index
+    batches = []
+    for i in range(len({k.split(".")[0] for k in t})):
+        b = {k: t[f"batch{i}.{k}"] for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
+        rows, image = [], 0
+        for r in range(b["input_ids"].shape[0]):
+            n = int(bool((b["input_ids"][r] == image_token).any()))
+            rows.append({"input_ids": b["input_ids"][r], "labels": b["labels"][r],
+                         "attention_mask": b["attention_mask"][r], "pixel_values": b["pixel_values"][image:image + n]})
+            image += n
+        batches.append(rows)
+    return batches
+
+
+def global_rows(world, ranks=1):
+    """Our global batches of EPOCHS epochs as rows, torch.saved for HF. ranks=1: each global batch padded to
+    one length; ranks=2: each rank's part padded as our 2-rank run pads it (LoRA dropout masks then have our
+    shapes), rank 0's rows before rank 1's."""
+    cfg = write_config(world, "data", {"per_device_train_batch_size": GLOBAL_BATCH // ranks})
     rows = []
     for epoch in range(EPOCHS):
-        f = world["root"] / f"batches{epoch}.safetensors"
-        run([binary(), "preprocess", cfg, "--out", f, "--limit", 1000, "--epoch", epoch])
-        t = load_file(str(f))
-        for i in range(len({k.split(".")[0] for k in t})):
-            b = {k: t[f"batch{i}.{k}"] for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
-            image = 0
-            for r in range(b["input_ids"].shape[0]):
-                n = int(bool((b["input_ids"][r] == image_token).any()))
-                rows.append({"input_ids": b["input_ids"][r], "labels": b["labels"][r],
-                             "attention_mask": b["attention_mask"][r], "pixel_values": b["pixel_values"][image:image + n]})
-                image += n
+        by_rank = [batch_rows(world, cfg, epoch, ranks, r) for r in range(ranks)]
+        for step in zip(*by_rank):
+            for part in step:
+                rows += part
     assert len(rows) == EPOCHS * SAMPLES
-    path = world["root"] / "rows.pt"
+    path = world["root"] / f"rows_{ranks}r.pt"
     torch.save(rows, path)
     return path
 
 
-def deepspeed_run(world, name, zero_stage, max_steps, save_steps, bf16=False, ranks=2):
+def deepspeed_run(world, name, zero_stage, max_steps, save_steps, bf16=False, ranks=2, dropout=0.0, rows=None):
     """HF Trainer + PEFT + DeepSpeed on `ranks` CPU ranks; returns (output dir, rank 0's log)."""
     out = world["root"] / name
-    spec = {"model_dir": world["base"]["model_name_or_path"], "rows": str(world["rows"]), "output_dir": str(out),
+    spec = {"model_dir": world["base"]["model_name_or_path"], "rows": str(rows or world["rows"]), "output_dir": str(out),
             "batch": GLOBAL_BATCH // ranks, "max_steps": max_steps, "save_steps": save_steps, "zero_stage": zero_stage,
-            "bf16": bf16, "lora": {"r": LORA["lora_r"], "alpha": LORA["lora_alpha"], "dropout": 0.0},
+            "bf16": bf16, "lora": {"r": LORA["lora_r"], "alpha": LORA["lora_alpha"], "dropout": dropout},
             "recipe": RECIPE, "resume": None, "log": str(world["root"] / f"{name}.log.json")}
     spec_file = world["root"] / f"{name}.spec.json"
     spec_file.write_text(json.dumps(spec))
@@ -203,6 +216,21 @@ def test_moments_and_weights_carry_over(world, zero_stage, deepspeed):
     print(f"\nZeRO-{zero_stage}: {len(ds)} tensors, moments and weights vs DeepSpeed's partitions: worst {worst:.2e}")
     assert sorted(weights) == sorted(trainable)
     assert worst <= 1e-6
+
+
+def test_lora_dropout_masks_continue_from_hf_rng_state(world):
+    """LoRA dropout 0.1: each rank's torch generator comes back from HF's rng_state_R.pth, so our 2-rank
+    continuation draws DeepSpeed's dropout masks (losses within 1e-5 of its own continuation)."""
+    out, log = deepspeed_run(world, "ds_dropout", 2, M, K, dropout=0.1, rows=global_rows(world, ranks=2))
+    ckpt = out / f"checkpoint-{K}"
+    assert {f"rng_state_{r}.pth" for r in range(2)} <= {p.name for p in ckpt.iterdir()}
+    _, metrics = train(world, "from_ds_dropout", 2, {"max_steps": M, "save_steps": 100, "lora_dropout": 0.1,
+                                                     "resume_from_checkpoint": str(ckpt)})
+    print("\nLoRA dropout 0.1, continued by us on 2 ranks: step, loss ours/DeepSpeed")
+    for o, d in zip(metrics["steps"], log["steps"][K:]):
+        print(f"  {o['step']}: {o['loss']:.9g}/{d['loss']:.9g}")
+    assert [o["step"] for o in metrics["steps"]] == list(range(K + 1, M + 1))
+    assert max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:])) <= 1e-5
 
 
 # --- Broken DeepSpeed files ------------------------------------------------------------------------------------
