@@ -233,6 +233,39 @@ def test_lora_dropout_masks_continue_from_hf_rng_state(world):
     assert max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:])) <= 1e-5
 
 
+def test_bf16_deepspeed_checkpoint(world):
+    """bf16 (DeepSpeed's bf16_zero_pp_rank_R files, fp32 masters): our 2-rank bf16 continuation follows
+    DeepSpeed's within bf16 rounding, and the fp32 masters and moments carry over exactly."""
+    out, log = deepspeed_run(world, "ds_bf16", 2, M, K, bf16=True)
+    ckpt = out / f"checkpoint-{K}"
+    assert sorted(p.name for p in (ckpt / f"global_step{K}").glob("*optim_states.pt")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
+    _, metrics = train(world, "from_ds_bf16", 2, {"max_steps": M, "save_steps": 100, "bf16": True,
+                                                  "resume_from_checkpoint": str(ckpt)})
+    print("\nbf16 ZeRO-2 checkpoint continued by us on 2 ranks: step, loss ours/DeepSpeed")
+    for o, d in zip(metrics["steps"], log["steps"][K:]):
+        print(f"  {o['step']}: {o['loss']:.9g}/{d['loss']:.9g}")
+    worst = max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:]))
+    print(f"  worst relative loss difference {worst:.2e} (bf16 forward passes round differently)")
+    assert [o["step"] for o in metrics["steps"]] == list(range(K + 1, M + 1))
+    assert worst <= 1e-3
+
+    # Resumed and saved at once: our fp32 masters (llava_master_weights) and moments are DeepSpeed's.
+    train(world, "carry_bf16", 3, {"max_steps": K, "save_steps": 100, "bf16": True, "resume_from_checkpoint": str(ckpt)})
+    ours = world["root"] / "carry_bf16" / f"checkpoint-{K}"
+    ds = deepspeed_state(ckpt)
+    masters = load_file(str(ours / "llava_master_weights.safetensors"))
+    state = torch.load(ours / "optimizer.pt", weights_only=True)
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    order = [n for g in range(2) for n, v in ds.items() if v[4] == g]
+    assert len(ids) == len(order) == len(masters)
+    for i, name in zip(ids, order):
+        master, exp_avg, exp_avg_sq, step, _ = ds[name]
+        assert torch.equal(masters[canonical(name)].view(master.shape), master), name
+        assert torch.equal(state["state"][i]["exp_avg"], exp_avg) and torch.equal(state["state"][i]["exp_avg_sq"], exp_avg_sq)
+        assert int(state["state"][i]["step"]) == step
+
+
 # --- Broken DeepSpeed files ------------------------------------------------------------------------------------
 
 RANK1 = "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt"
