@@ -7,8 +7,11 @@ optimizer.pt, no projector file), is continued by our trainer with 2, 1 and 3 ra
   the same world size is bit-identical) within 1e-5 relative;
 - the optimizer state it carries over (our optimizer.pt written right at step K) is DeepSpeed's fp32
   partitions and Adam moments mapped back to parameters here in Python (1e-6).
+With LoRA dropout 0.1 our 2-rank continuation draws DeepSpeed's masks (each rank's generator from HF's
+rng_state_R.pth; losses within 1e-5). bf16 (bf16_zero_pp_rank_R files): fp32 masters and moments carry over
+bit for bit, losses follow within 1e-3 (bf16 forwards round differently).
 Broken DeepSpeed files (a pickle naming another global, a truncated partition, a missing rank file, partitions
-that contradict param_shapes) end with one error line naming the file, nothing written.
+that contradict param_shapes, a truncated file) end with one error line naming the file, nothing written.
 
 HF sees our batches: `llava preprocess` writes every global batch of our order (one rank, per-device batch =
 the global batch); HF's sequential sampler deals consecutive per-device batches to the ranks in turn, so each
