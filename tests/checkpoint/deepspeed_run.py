@@ -3,7 +3,8 @@
 test_deepspeed_interop.py.
 
 SPEC: model_dir, rows (a torch.save list of rows: our global batches in order, already padded), output_dir,
-batch (per device), max_steps, save_steps, zero_stage, bf16, lora {r, alpha, dropout}, recipe (lr, schedule,
+batch (per device), max_steps, save_steps, zero_stage, bf16, lora {r, alpha, dropout} (null: stage 1, the
+projector alone), recipe (lr, schedule,
 warmup, weight decay, max_grad_norm, seed), resume (a checkpoint dir or null), log (where rank 0 writes the
 log history as JSON). The projector trains beside the adapters, as in LLaVA's stage 2."""
 import json
@@ -30,11 +31,11 @@ def main(spec_path):
     recipe, lora = spec["recipe"], spec["lora"]
     torch.manual_seed(recipe["seed"])  # PEFT draws lora_A from the global generator, as HF's set_seed
     model = LlavaForConditionalGeneration.from_pretrained(spec["model_dir"], torch_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                             target_modules=LLM_LINEARS, task_type="CAUSAL_LM"))
-    for name, p in model.named_parameters():
-        if "multi_modal_projector" in name:
-            p.requires_grad_(True)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                 target_modules=LLM_LINEARS, task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():  # without lora: stage 1, the projector alone
+        p.requires_grad_(("multi_modal_projector" in name) or (lora is not None and p.requires_grad))
     ds = {"zero_optimization": {"stage": spec["zero_stage"]}, "train_micro_batch_size_per_gpu": "auto",
           "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     if spec["bf16"]:

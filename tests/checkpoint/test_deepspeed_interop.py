@@ -101,12 +101,13 @@ def global_rows(world, ranks=1):
     return path
 
 
-def deepspeed_run(world, name, zero_stage, max_steps, save_steps, bf16=False, ranks=2, dropout=0.0, rows=None):
+def deepspeed_run(world, name, zero_stage, max_steps, save_steps, bf16=False, ranks=2, dropout=0.0, rows=None,
+                  stage1=False):
     """HF Trainer + PEFT + DeepSpeed on `ranks` CPU ranks; returns (output dir, rank 0's log)."""
     out = world["root"] / name
     spec = {"model_dir": world["base"]["model_name_or_path"], "rows": str(rows or world["rows"]), "output_dir": str(out),
             "batch": GLOBAL_BATCH // ranks, "max_steps": max_steps, "save_steps": save_steps, "zero_stage": zero_stage,
-            "bf16": bf16, "lora": {"r": LORA["lora_r"], "alpha": LORA["lora_alpha"], "dropout": dropout},
+            "bf16": bf16, "lora": None if stage1 else {"r": LORA["lora_r"], "alpha": LORA["lora_alpha"], "dropout": dropout},
             "recipe": RECIPE, "resume": None, "log": str(world["root"] / f"{name}.log.json")}
     spec_file = world["root"] / f"{name}.spec.json"
     spec_file.write_text(json.dumps(spec))
@@ -267,6 +268,20 @@ def test_bf16_deepspeed_checkpoint(world):
         assert torch.equal(masters[canonical(name)].view(master.shape), master), name
         assert torch.equal(state["state"][i]["exp_avg"], exp_avg) and torch.equal(state["state"][i]["exp_avg_sq"], exp_avg_sq)
         assert int(state["state"][i]["step"]) == step
+
+
+def test_stage1_projector_only_deepspeed_checkpoint(world):
+    """Stage 1 (the projector alone, no PEFT: plain parameter names), ZeRO-2 on 2 ranks, continued by us on 1."""
+    out, log = deepspeed_run(world, "ds_stage1", 2, M, K, stage1=True)
+    assert len(log["trainable"]) == 4 and all("multi_modal_projector" in n for n in log["trainable"])
+    ckpt = out / f"checkpoint-{K}"
+    _, metrics = train(world, "from_ds_stage1", 1, {"max_steps": M, "save_steps": 100, "lora_enable": False,
+                                                    "tune_mm_mlp_adapter": True, "resume_from_checkpoint": str(ckpt)})
+    print("\nstage 1 ZeRO-2 checkpoint continued by us on 1 rank: step, loss ours/DeepSpeed")
+    for o, d in zip(metrics["steps"], log["steps"][K:]):
+        print(f"  {o['step']}: {o['loss']:.9g}/{d['loss']:.9g}")
+    assert [o["step"] for o in metrics["steps"]] == list(range(K + 1, M + 1))
+    assert max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:])) <= 1e-5
 
 
 # --- Broken DeepSpeed files ------------------------------------------------------------------------------------
