@@ -6,6 +6,7 @@
 
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/pickle.h"
 #include "io/torch_archive.h"
 
 namespace llava::checkpoint {
@@ -97,6 +98,19 @@ std::string rank_file(const std::string& tag_dir, int64_t rank) {
   return "";
 }
 
+bool any_nonzero_int(const c10::IValue& v) {
+  if (v.isInt()) return v.toInt() != 0;
+  if (v.isList()) {
+    for (const auto& e : v.toList())
+      if (any_nonzero_int(e)) return true;
+  }
+  if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements())
+      if (any_nonzero_int(e)) return true;
+  }
+  return false;
+}
+
 // One rank's optimizer file, its groups checked against param_shapes.
 struct RankState {
   std::vector<torch::Tensor> master, exp_avg, exp_avg_sq;  // per group: this rank's partition
@@ -118,6 +132,9 @@ RankState read_rank(const std::string& file, const std::vector<std::vector<Slot>
     return l;
   };
   RankState s;
+  // zero_optimization.parameter_alignment pads each tensor inside the flat buffer: not this layout.
+  if (osd.contains("param_alignment_paddings") && any_nonzero_int(osd.at("param_alignment_paddings")))
+    r.bad("param_alignment_paddings: checkpoints saved with zero_optimization.parameter_alignment are not supported");
   if (osd.contains("param_slice_mappings")) s.slice_mappings = osd.at("param_slice_mappings");
   auto counts = count_of("partition_count");
   auto paddings = count_of("group_paddings");
@@ -253,6 +270,145 @@ DeepSpeedCheckpoint read_deepspeed_checkpoint(const std::string& dir) {
     }
   }
   return ckpt;
+}
+
+namespace {
+
+// DeepSpeed's stage 1/2 optimizer: nccl_start_alignment_factor (2) x world size.
+int64_t padded_numel(int64_t numel, int64_t world_size) {
+  const int64_t align = 2 * world_size;
+  return (numel + align - 1) / align * align;
+}
+
+c10::IValue ds_config(const DeepSpeedSave& save) {
+  auto zero = io::pickle::new_dict();
+  zero.insert("stage", save.zero_stage);
+  auto config = io::pickle::new_dict();
+  config.insert("zero_optimization", zero);
+  config.insert("train_micro_batch_size_per_gpu", save.micro_batch);
+  config.insert("train_batch_size", save.micro_batch * save.accumulation * save.world_size);
+  config.insert("gradient_accumulation_steps", save.accumulation);
+  config.insert("gradient_clipping", save.gradient_clipping);
+  return config;
+}
+
+const char* kDeepSpeedVersion = "0.19.8";  // the layout written is that of this version
+
+c10::IValue model_states(const DeepSpeedSave& save) {
+  auto module = io::pickle::new_dict();
+  auto shapes = io::pickle::new_list();
+  for (size_t g = 0; g < save.groups.size(); ++g) {
+    auto group = io::pickle::new_dict();
+    for (auto& p : save.params) {
+      if (p.group != g) continue;
+      std::vector<c10::IValue> dims(p.master.sizes().begin(), p.master.sizes().end());
+      group.insert(p.name, c10::ivalue::Tuple::create(std::move(dims)));
+    }
+    shapes.push_back(group);
+  }
+  for (auto& p : save.params) module.insert(p.name, p.master);
+  auto d = io::pickle::new_dict();
+  d.insert("module", module);
+  d.insert("buffer_names", io::pickle::new_list());
+  d.insert("optimizer", c10::IValue());
+  d.insert("param_shapes", shapes);
+  d.insert("frozen_param_shapes", c10::IValue());
+  d.insert("shared_params", io::pickle::new_dict());
+  d.insert("frozen_param_fragments", c10::IValue());
+  d.insert("lr_scheduler", save.lr_scheduler);
+  d.insert("data_sampler", c10::IValue());
+  d.insert("random_ltd", c10::IValue());
+  d.insert("sparse_tensor_module_names", io::pickle::new_list());
+  d.insert("skipped_steps", int64_t{0});
+  d.insert("global_steps", save.global_step);
+  d.insert("global_samples", save.global_samples);
+  d.insert("dp_world_size", save.world_size);
+  d.insert("mp_world_size", int64_t{1});
+  d.insert("ds_config", ds_config(save));
+  d.insert("ds_version", kDeepSpeedVersion);
+  return d;
+}
+
+c10::IValue rank_states(const DeepSpeedSave& save, int64_t rank) {
+  auto state = io::pickle::new_dict();
+  auto param_groups = io::pickle::new_list(), partitions = io::pickle::new_list(), paddings = io::pickle::new_list(),
+       counts = io::pickle::new_list();
+  for (size_t g = 0; g < save.groups.size(); ++g) {
+    std::vector<torch::Tensor> master, exp_avg, exp_avg_sq;
+    int64_t numel = 0;
+    for (auto& p : save.params) {
+      if (p.group != g) continue;
+      master.push_back(p.master.to(torch::kFloat32).reshape({-1}));
+      exp_avg.push_back(p.exp_avg.defined() ? p.exp_avg.reshape({-1}) : torch::zeros_like(master.back()));
+      exp_avg_sq.push_back(p.exp_avg_sq.defined() ? p.exp_avg_sq.reshape({-1}) : torch::zeros_like(master.back()));
+      numel += master.back().numel();
+    }
+    const int64_t padded = padded_numel(numel, save.world_size), partition = padded / save.world_size;
+    auto part = [&](const std::vector<torch::Tensor>& pieces) {
+      auto flat = torch::cat(pieces);
+      flat = torch::constant_pad_nd(flat, {0, padded - numel}, 0);
+      return flat.narrow(0, rank * partition, partition).clone();
+    };
+    partitions.push_back(part(master));
+    paddings.push_back(rank == save.world_size - 1 ? padded - numel : int64_t{0});
+    counts.push_back(save.world_size);
+    const DeepSpeedGroup& group = save.groups[g];
+    if (group.step > 0) {
+      auto s = io::pickle::new_dict();
+      s.insert("step", torch::tensor(static_cast<float>(group.step)));
+      s.insert("exp_avg", part(exp_avg));
+      s.insert("exp_avg_sq", part(exp_avg_sq));
+      state.insert(static_cast<int64_t>(g), s);
+    }
+    auto pg = io::pickle::new_dict();  // torch 2.x AdamW's keys, in its order
+    pg.insert("weight_decay", group.weight_decay);
+    pg.insert("lr", group.lr);
+    pg.insert("betas", c10::ivalue::Tuple::create({save.beta1, save.beta2}));
+    pg.insert("eps", save.eps);
+    pg.insert("amsgrad", false);
+    pg.insert("maximize", false);
+    pg.insert("foreach", c10::IValue());
+    pg.insert("capturable", false);
+    pg.insert("differentiable", false);
+    pg.insert("fused", c10::IValue());
+    pg.insert("decoupled_weight_decay", true);
+    pg.insert("initial_lr", group.initial_lr);
+    auto ids = io::pickle::new_list();
+    ids.push_back(static_cast<int64_t>(g));
+    pg.insert("params", ids);
+    param_groups.push_back(pg);
+  }
+  auto base = io::pickle::new_dict();
+  base.insert("state", state);
+  base.insert("param_groups", param_groups);
+  auto osd = io::pickle::new_dict();
+  osd.insert("dynamic_loss_scale", false);
+  osd.insert("overflow", false);
+  osd.insert("clip_grad", save.gradient_clipping);
+  osd.insert("base_optimizer_state", base);
+  osd.insert("single_partition_of_fp32_groups", partitions);
+  osd.insert("zero_stage", save.zero_stage);
+  osd.insert("group_paddings", paddings);
+  osd.insert("partition_count", counts);
+  osd.insert("ds_version", kDeepSpeedVersion);
+  auto d = io::pickle::new_dict();
+  d.insert("optimizer_state_dict", osd);
+  d.insert("ds_config", ds_config(save));
+  d.insert("ds_version", kDeepSpeedVersion);
+  return d;
+}
+
+}  // namespace
+
+void write_deepspeed_checkpoint(const std::string& dir, const DeepSpeedSave& save) {
+  const std::string tag = "global_step" + std::to_string(save.global_step);
+  const fs::path tag_dir = fs::path(dir) / tag;
+  fs::create_directories(tag_dir);
+  io::save_pt((tag_dir / "mp_rank_00_model_states.pt").string(), model_states(save));
+  for (int64_t r = 0; r < save.world_size; ++r)
+    io::save_pt((tag_dir / ("zero_pp_rank_" + std::to_string(r) + "_mp_rank_00_optim_states.pt")).string(),
+                rank_states(save, r));
+  io::write_file_atomic((fs::path(dir) / "latest").string(), tag);
 }
 
 }  // namespace llava::checkpoint

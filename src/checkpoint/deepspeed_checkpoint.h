@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/core/ivalue.h>
 #include <torch/torch.h>
 
 namespace llava::checkpoint {
@@ -46,5 +47,21 @@ bool is_deepspeed_checkpoint(const std::string& dir);
 // to param_shapes, slice mappings that place a tensor elsewhere, another pickle global) is a llava::Error
 // naming the file.
 DeepSpeedCheckpoint read_deepspeed_checkpoint(const std::string& dir);
+
+// What HF Trainer + DeepSpeed (ZeRO 1/2, fp32, torch AdamW) would have saved after `global_step` steps on
+// `world_size` ranks, so that Trainer.train(resume_from_checkpoint=...) under DeepSpeed with that many ranks
+// continues the run: `latest`, global_stepN/mp_rank_00_model_states.pt (module: the trained tensors) and one
+// zero_pp_rank_R_mp_rank_00_optim_states.pt per rank, each group flattened in order, padded to a multiple of
+// 2 x world_size as DeepSpeed pads it and cut into equal partitions. No loss_scaler (DeepSpeed keeps its
+// own), no param_slice_mappings (only universal checkpoints use them).
+struct DeepSpeedSave {
+  int64_t global_step = 0, global_samples = 0, world_size = 1, zero_stage = 2;
+  int64_t micro_batch = 1, accumulation = 1;
+  double gradient_clipping = 1.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  std::vector<DeepSpeedGroup> groups;
+  std::vector<DeepSpeedParam> params;  // names as the wrapped HF model names them, group by group
+  c10::IValue lr_scheduler;            // LambdaLR.state_dict()
+};
+void write_deepspeed_checkpoint(const std::string& dir, const DeepSpeedSave& save);
 
 }  // namespace llava::checkpoint

@@ -94,4 +94,34 @@ void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForC
   optimizer.load_master_weights(masters);
 }
 
+checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const TrainConfig& cfg, int64_t global_step,
+                                            int64_t samples_per_step, int world_size, const c10::IValue& lr_scheduler) {
+  checkpoint::DeepSpeedSave save;
+  save.global_step = global_step;
+  save.global_samples = global_step * samples_per_step;
+  save.world_size = world_size;
+  save.zero_stage = cfg.zero_stage;
+  save.micro_batch = cfg.data.per_device_train_batch_size;
+  save.accumulation = cfg.gradient_accumulation_steps;
+  save.gradient_clipping = cfg.max_grad_norm;
+  save.beta1 = whole.options().beta1;
+  save.beta2 = whole.options().beta2;
+  save.eps = whole.options().eps;
+  save.lr_scheduler = lr_scheduler;
+  for (size_t g = 0; g < whole.groups().size(); ++g) {
+    const ParamGroup& group = whole.groups()[g];
+    int64_t step = 0;
+    for (size_t i = 0; i < group.params.size(); ++i) {
+      const AdamState& s = whole.state()[g][i];
+      step = std::max(step, s.step);
+      std::string name = "base_model.model." + group.names[i];
+      for (const std::string lora : {".lora_A.weight", ".lora_B.weight"})
+        if (ends_with(name, lora)) name = name.substr(0, name.size() - 7) + ".default.weight";
+      save.params.push_back({name, g, group.params[i].detach(), s.exp_avg, s.exp_avg_sq});
+    }
+    save.groups.push_back({group.lr, group.base_lr, group.weight_decay, step});
+  }
+  return save;
+}
+
 }  // namespace llava::train

@@ -6,7 +6,9 @@
 #pragma once
 #include <string>
 
+#include "checkpoint/deepspeed_checkpoint.h"
 #include "model/llava.h"
+#include "train/config.h"
 #include "train/sharded_adamw.h"
 
 namespace llava::train {
@@ -15,5 +17,11 @@ namespace llava::train {
 // trained must be trained here; a fault is a llava::Error naming the file, before anything changes.
 void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForConditionalGeneration& model,
                              ShardedAdamW& optimizer);
+
+// The DeepSpeed layout of this run's checkpoint (write_deepspeed_checkpoint) from the whole optimizer
+// (ShardedAdamW::consolidated(), lrs already the next step's) of a PEFT LoRA fp32 run: names as PEFT's
+// wrapped model names them (base_model.model.<name>, lora_A.default.weight).
+checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const TrainConfig& cfg, int64_t global_step,
+                                            int64_t samples_per_step, int world_size, const c10::IValue& lr_scheduler);
 
 }  // namespace llava::train

@@ -237,6 +237,13 @@ bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& op
   return static_cast<uint64_t>(state_bytes) <= io::parse_size(cfg.consolidate_optimizer_max_size);
 }
 
+// With `deepspeed:` in the config (as LLaVA's scripts pass it) a LoRA fp32 run's checkpoints also carry
+// DeepSpeed's layout: the run was meant for DeepSpeed, and HF Trainer under DeepSpeed resumes nothing else
+// (it looks for global_step*/). Written with the consolidated optimizer only.
+bool writes_deepspeed_layout(const TrainConfig& cfg, const std::vector<LoraModule>& lora) {
+  return !cfg.deepspeed.empty() && !lora.empty() && !cfg.bf16;
+}
+
 // checkpoint-<step>/ in the HF Trainer layout: trained weights as PEFT (adapter + LLaVA's
 // non_lora_trainables.bin), LLaVA stage 1 (mm_projector.bin) or save_pretrained (full) write them, the base
 // config.json, optimizer.pt, scheduler.pt and trainer_state.json, plus our exact-resume files (and under
@@ -280,6 +287,10 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
     if (whole) {
       io::save_pt(dir + "/optimizer.pt", adamw_state_dict(*whole));
       io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(*whole, state.global_step));
+      if (writes_deepspeed_layout(cfg, lora))  // so HF Trainer + DeepSpeed resumes it at this world size
+        checkpoint::write_deepspeed_checkpoint(
+            dir, deepspeed_save_of(*whole, cfg, state.global_step, signature.samples_per_step, comm.world_size(),
+                                   lambda_lr_state_dict(*whole, state.global_step)));
     } else {
       AdamW stateless(optimizer.groups(), AdamWOptions{});  // the schedule needs only the groups' lrs
       set_next_lr(stateless);
@@ -320,7 +331,8 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
   if (auto saved = read_run_signature(dir))
     for (auto& change : check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
   auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
-  if (checkpoint::is_deepspeed_checkpoint(dir)) {  // HF Trainer + DeepSpeed: weights and state in global_stepN/
+  // HF Trainer + DeepSpeed: weights and state in global_stepN/ (ours carry optimizer.pt beside it).
+  if (checkpoint::is_deepspeed_checkpoint(dir) && !fs::exists(fs::path(dir) / "optimizer.pt")) {
     if (!lora.empty()) load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");  // checks r / lora_alpha
     restore_deepspeed_state(dir, loaded.model, optimizer);
     restore_rng_state(dir, rank);

@@ -5,7 +5,7 @@ test_deepspeed_interop.py.
 SPEC: model_dir, rows (a torch.save list of rows: our global batches in order, already padded), output_dir,
 batch (per device), max_steps, save_steps, zero_stage, bf16, lora {r, alpha, dropout} (null: stage 1, the
 projector alone), recipe (lr, schedule,
-warmup, weight decay, max_grad_norm, seed), resume (a checkpoint dir or null), log (where rank 0 writes the
+warmup, weight decay, max_grad_norm, seed), resume (a checkpoint dir or null), no_save (true: save nothing), log (where rank 0 writes the
 log history as JSON). The projector trains beside the adapters, as in LLaVA's stage 2."""
 import json
 import sys
@@ -44,7 +44,7 @@ def main(spec_path):
         output_dir=spec["output_dir"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["batch"],
         learning_rate=recipe["learning_rate"], lr_scheduler_type=recipe["lr_scheduler_type"],
         warmup_steps=recipe["warmup_steps"], weight_decay=recipe["weight_decay"], max_grad_norm=recipe["max_grad_norm"],
-        logging_steps=1, save_steps=spec["save_steps"], save_strategy="steps", optim="adamw_torch",
+        logging_steps=1, save_steps=spec["save_steps"], save_strategy="no" if spec.get("no_save") else "steps", optim="adamw_torch",
         train_sampling_strategy="sequential", remove_unused_columns=False, seed=recipe["seed"], report_to=[],
         disable_tqdm=True, use_cpu=True, ddp_backend="gloo", deepspeed=ds, bf16=spec["bf16"])
     rows = torch.load(spec["rows"], weights_only=True)

@@ -102,18 +102,20 @@ def global_rows(world, ranks=1):
 
 
 def deepspeed_run(world, name, zero_stage, max_steps, save_steps, bf16=False, ranks=2, dropout=0.0, rows=None,
-                  stage1=False):
+                  stage1=False, resume=None):
     """HF Trainer + PEFT + DeepSpeed on `ranks` CPU ranks; returns (output dir, rank 0's log)."""
     out = world["root"] / name
     spec = {"model_dir": world["base"]["model_name_or_path"], "rows": str(rows or world["rows"]), "output_dir": str(out),
             "batch": GLOBAL_BATCH // ranks, "max_steps": max_steps, "save_steps": save_steps, "zero_stage": zero_stage,
             "bf16": bf16, "lora": None if stage1 else {"r": LORA["lora_r"], "alpha": LORA["lora_alpha"], "dropout": dropout},
-            "recipe": RECIPE, "resume": None, "log": str(world["root"] / f"{name}.log.json")}
+            "recipe": RECIPE, "resume": str(resume) if resume else None, "no_save": resume is not None, "log": str(world["root"] / f"{name}.log.json")}
     spec_file = world["root"] / f"{name}.spec.json"
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    run([torchrun(), "--standalone", "--nproc_per_node", ranks, HERE / "deepspeed_run.py", spec_file], env=env)
-    return out, json.loads(Path(spec["log"]).read_text())
+    proc = run([torchrun(), "--standalone", "--nproc_per_node", ranks, HERE / "deepspeed_run.py", spec_file], env=env)
+    log = json.loads(Path(spec["log"]).read_text())
+    log["output"] = proc.stdout + proc.stderr
+    return out, log
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,8 @@ def deepspeed_state(ckpt):
         flat["master"] = torch.cat([r["single_partition_of_fp32_groups"][g] for r in ranks])
         step = int(ranks[0]["base_optimizer_state"]["state"][g]["step"])
         offset = 0
-        for name, shape in group.items():
+        for name, shape in group.items():  # torch.Size in DeepSpeed's files, a tuple in ours
+            shape = torch.Size(shape)
             n = shape.numel()
             out[name] = tuple(flat[k][offset:offset + n].view(shape) for k in ("master", "exp_avg", "exp_avg_sq")) + (step, g)
             offset += n
@@ -282,6 +285,41 @@ def test_stage1_projector_only_deepspeed_checkpoint(world):
         print(f"  {o['step']}: {o['loss']:.9g}/{d['loss']:.9g}")
     assert [o["step"] for o in metrics["steps"]] == list(range(K + 1, M + 1))
     assert max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:])) <= 1e-5
+
+
+def test_hf_trainer_deepspeed_continues_our_checkpoint(world):
+    """`deepspeed: ds.json` in our YAML: our 2-rank ZeRO-2 checkpoint-K also carries DeepSpeed's layout, and
+    HF Trainer + DeepSpeed on 2 ranks continues it: its losses for K+1..M are our uninterrupted run's (1e-5),
+    and neither it nor DeepSpeed reports missing state."""
+    ds_config = world["root"] / "ds.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                                     "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}))
+    _, metrics = train(world, "ours_ds", 2, {"max_steps": M, "save_steps": K, "deepspeed": str(ds_config)})
+    ckpt = world["root"] / "ours_ds" / f"checkpoint-{K}"
+    assert (ckpt / "latest").read_text() == f"global_step{K}"
+    assert {"optimizer.pt", "non_lora_trainables.bin"} <= {p.name for p in ckpt.iterdir()}  # ours as before
+    # What DeepSpeed reads is what we trained: our own reader's view of it equals our optimizer.pt.
+    ds = deepspeed_state(ckpt)
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    order = [n for g in range(2) for n, v in ds.items() if v[4] == g]
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    for i, name in zip(ids, order):
+        assert torch.equal(state["state"][i]["exp_avg"], ds[name][1]), name
+
+    resume_dir = world["root"] / "hf_from_ours"
+    resume_dir.mkdir()
+    shutil.copytree(ckpt, resume_dir / f"checkpoint-{K}")
+    _, log = deepspeed_run(world, "hf_from_ours", 2, M, 100, resume=resume_dir / f"checkpoint-{K}")
+    hf = [s for s in log["steps"] if s["step"] > K]
+    print(f"\nHF Trainer + DeepSpeed (2 ranks) continued our checkpoint-{K}: step, loss HF/ours")
+    for h, o in zip(hf, metrics["steps"][K:]):
+        print(f"  {h['step']}: {h['loss']:.9g}/{o['loss']:.9g}")
+    suspicious = [l for l in log["output"].splitlines()
+                  if re.search(r"missing|didn't find|not found|could not|mismatch|unexpected key", l, re.I)]
+    print(f"  lines about missing state: {suspicious}")
+    assert [h["step"] for h in hf] == list(range(K + 1, M + 1))
+    assert max(rel(h["loss"], o["loss"]) for h, o in zip(hf, metrics["steps"][K:])) <= 1e-5
+    assert not suspicious
 
 
 # --- Broken DeepSpeed files ------------------------------------------------------------------------------------
