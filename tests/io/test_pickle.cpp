@@ -109,6 +109,24 @@ TEST_CASE("Globals::kDeepSpeed rebuilds DeepSpeed's classes as plain data and st
   CHECK(error_of([&] { io::pickle::loads(unbuilt, nullptr, "u.pt", Globals::kDeepSpeed); }).find("not a value") != std::string::npos);
 }
 
+TEST_CASE("files made by DeepSpeed's real classes and a NumPy RNG state read as plain data (fuzz seeds)") {
+  const std::string dir = std::string(LLAVA_SOURCE_DIR) + "/tests/fuzz/corpus/torch_archive/";
+  using io::pickle::Globals;
+  auto optim = io::load_pt(dir + "deepspeed_optim_states.pt", Globals::kDeepSpeed).toGenericDict();
+  auto osd = optim.at("optimizer_state_dict").toGenericDict();
+  CHECK(osd.at("zero_stage").toInt() == 2);
+  CHECK(osd.at("loss_scaler").toGenericDict().at("cur_scale").toDouble() == 1.0);
+  auto fragment = osd.at("param_slice_mappings").toList().get(0).toGenericDict().at("w").toTupleRef().elements();
+  CHECK((fragment[0].toInt() == 4 && fragment[1].toInt() == 0));
+  auto states = io::load_pt(dir + "deepspeed_model_states.pt", Globals::kDeepSpeed).toGenericDict();
+  auto shape = states.at("param_shapes").toList().get(0).toGenericDict().at("w").toTupleRef().elements();
+  CHECK((shape.size() == 2 && shape[0].toInt() == 2 && shape[1].toInt() == 2));
+  auto rng = io::load_pt(dir + "hf_rng_state.pt", Globals::kDeepSpeed).toGenericDict();
+  CHECK(rng.at("numpy").toTupleRef().elements()[1].isNone());  // ('MT19937', array -> None, pos, ...)
+  CHECK(rng.at("cpu").toTensor().numel() == 5056);
+  CHECK(error_of([&] { io::load_pt(dir + "hf_rng_state.pt"); }).find("forbidden global") != std::string::npos);
+}
+
 TEST_CASE("the unpickler refuses truncated data, bad opcodes and views outside their storage") {
   std::vector<torch::Tensor> storages;
   auto good = io::pickle::dumps(torch::arange(4, torch::kFloat32), storages);
