@@ -4,7 +4,7 @@ test_deepspeed_interop.py.
 
 SPEC: model_dir, rows (a torch.save list of rows: our global batches in order, already padded), output_dir,
 batch (per device), max_steps, save_steps, zero_stage, bf16, lora {r, alpha, dropout} (null: stage 1, the
-projector alone), recipe (lr, schedule,
+projector alone), full (true, without lora: everything but the vision tower trains), recipe (lr, schedule,
 warmup, weight decay, max_grad_norm, seed), resume (a checkpoint dir or null), no_save (true: save nothing), log (where rank 0 writes the
 log history as JSON). The projector trains beside the adapters, as in LLaVA's stage 2."""
 import json
@@ -34,8 +34,11 @@ def main(spec_path):
     if lora:
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                                  target_modules=LLM_LINEARS, task_type="CAUSAL_LM"))
-    for name, p in model.named_parameters():  # without lora: stage 1, the projector alone
-        p.requires_grad_(("multi_modal_projector" in name) or (lora is not None and p.requires_grad))
+    for name, p in model.named_parameters():  # without lora: stage 1 (the projector alone) or a full fine-tune
+        if spec.get("full"):
+            p.requires_grad_("vision_tower" not in name)
+        else:
+            p.requires_grad_(("multi_modal_projector" in name) or (lora is not None and p.requires_grad))
     ds = {"zero_optimization": {"stage": spec["zero_stage"]}, "train_micro_batch_size_per_gpu": "auto",
           "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     if spec["bf16"]:

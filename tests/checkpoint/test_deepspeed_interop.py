@@ -104,12 +104,12 @@ def global_rows(world, ranks=1):
 
 
 def deepspeed_run(world, name, zero_stage, max_steps, save_steps, bf16=False, ranks=2, dropout=0.0, rows=None,
-                  stage1=False, resume=None):
+                  stage1=False, resume=None, full=False):
     """HF Trainer + PEFT + DeepSpeed on `ranks` CPU ranks; returns (output dir, rank 0's log)."""
     out = world["root"] / name
     spec = {"model_dir": world["base"]["model_name_or_path"], "rows": str(rows or world["rows"]), "output_dir": str(out),
             "batch": GLOBAL_BATCH // ranks, "max_steps": max_steps, "save_steps": save_steps, "zero_stage": zero_stage,
-            "bf16": bf16, "lora": None if stage1 else {"r": LORA["lora_r"], "alpha": LORA["lora_alpha"], "dropout": dropout},
+            "bf16": bf16, "full": full, "lora": None if stage1 or full else {"r": LORA["lora_r"], "alpha": LORA["lora_alpha"], "dropout": dropout},
             "recipe": RECIPE, "resume": str(resume) if resume else None, "no_save": resume is not None, "log": str(world["root"] / f"{name}.log.json")}
     spec_file = world["root"] / f"{name}.spec.json"
     spec_file.write_text(json.dumps(spec))
@@ -322,6 +322,21 @@ def test_hf_trainer_deepspeed_continues_our_checkpoint(world):
     assert [h["step"] for h in hf] == list(range(K + 1, M + 1))
     assert max(rel(h["loss"], o["loss"]) for h, o in zip(hf, metrics["steps"][K:])) <= 1e-5
     assert not suspicious
+
+
+def test_full_fine_tune_deepspeed_checkpoint(world):
+    """A full fine-tune (language model + projector; plain names, embeddings and norms in the no-decay group
+    too) under ZeRO-2 on 2 ranks, continued by us on 3."""
+    out, log = deepspeed_run(world, "ds_full", 2, M, K, full=True)
+    ckpt = out / f"checkpoint-{K}"
+    _, metrics = train(world, "from_ds_full", 3, {"max_steps": M, "save_steps": 100, "lora_enable": False,
+                                                  "resume_from_checkpoint": str(ckpt)})
+    print("\nfull fine-tune ZeRO-2 checkpoint continued by us on 3 ranks: step, loss ours/DeepSpeed")
+    for o, d in zip(metrics["steps"], log["steps"][K:]):
+        print(f"  {o['step']}: {o['loss']:.9g}/{d['loss']:.9g}")
+    assert metrics["trainable"] == [canonical(n) for n in log["trainable"]]
+    assert [o["step"] for o in metrics["steps"]] == list(range(K + 1, M + 1))
+    assert max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:])) <= 1e-5
 
 
 # --- Broken DeepSpeed files ------------------------------------------------------------------------------------
