@@ -372,6 +372,15 @@ def contradict_param_shapes(ckpt):
     torch.save(state, ckpt / MODEL_STATES)
 
 
+def move_slice_mapping(ckpt):
+    """Rank 1's param_slice_mappings place its first tensor one element later than param_shapes do."""
+    state = torch.load(ckpt / RANK1, weights_only=False)
+    mappings = state["optimizer_state_dict"]["param_slice_mappings"][0]
+    first = next(iter(mappings))
+    mappings[first] = type(mappings[first])(numel=mappings[first].numel, start=mappings[first].start + 1)
+    torch.save(state, ckpt / RANK1)
+
+
 def truncate_file(name):
     def corrupt(ckpt):
         data = (ckpt / name).read_bytes()
@@ -391,7 +400,9 @@ def snapshot(directory):
     (lambda ckpt: (ckpt / RANK1).unlink(), [RANK1, "missing", "2 ranks"]),
     (contradict_param_shapes, ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "do not hold", MODEL_STATES]),
     (truncate_file(RANK1), [RANK1, "not a readable torch.save archive"]),
-], ids=["other-global", "truncated-partition", "missing-rank-file", "contradicts-param-shapes", "truncated-file"])
+    (move_slice_mapping, [RANK1, "param_slice_mappings[0]", "param_shapes and the partition size put it at"]),
+], ids=["other-global", "truncated-partition", "missing-rank-file", "contradicts-param-shapes", "truncated-file",
+        "moved-slice-mapping"])
 def test_broken_deepspeed_checkpoint_is_a_clear_error_and_changes_nothing(world, zero_stage, deepspeed, corrupt,
                                                                           needles, request):
     name = "bad_" + re.sub(r"\W", "_", request.node.callspec.id)
