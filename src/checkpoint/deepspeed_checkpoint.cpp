@@ -289,6 +289,11 @@ c10::IValue ds_config(const DeepSpeedSave& save) {
   config.insert("train_batch_size", save.micro_batch * save.accumulation * save.world_size);
   config.insert("gradient_accumulation_steps", save.accumulation);
   config.insert("gradient_clipping", save.gradient_clipping);
+  if (save.bf16) {
+    auto bf16 = io::pickle::new_dict();
+    bf16.insert("enabled", true);
+    config.insert("bf16", bf16);
+  }
   return config;
 }
 
@@ -406,7 +411,8 @@ void write_deepspeed_checkpoint(const std::string& dir, const DeepSpeedSave& sav
   fs::create_directories(tag_dir);
   io::save_pt((tag_dir / "mp_rank_00_model_states.pt").string(), model_states(save));
   for (int64_t r = 0; r < save.world_size; ++r)
-    io::save_pt((tag_dir / ("zero_pp_rank_" + std::to_string(r) + "_mp_rank_00_optim_states.pt")).string(),
+    io::save_pt((tag_dir / ((save.bf16 ? "bf16_zero_pp_rank_" : "zero_pp_rank_") + std::to_string(r) +
+                            "_mp_rank_00_optim_states.pt")).string(),
                 rank_states(save, r));
   io::write_file_atomic((fs::path(dir) / "latest").string(), tag);
 }

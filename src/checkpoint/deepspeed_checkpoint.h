@@ -57,6 +57,7 @@ DeepSpeedCheckpoint read_deepspeed_checkpoint(const std::string& dir);
 struct DeepSpeedSave {
   int64_t global_step = 0, global_samples = 0, world_size = 1, zero_stage = 2;
   int64_t micro_batch = 1, accumulation = 1;
+  bool bf16 = false;  // the optim files are then bf16_zero_pp_rank_R_..., masters still fp32
   double gradient_clipping = 1.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   std::vector<DeepSpeedGroup> groups;
   std::vector<DeepSpeedParam> params;  // names as the wrapped HF model names them, group by group

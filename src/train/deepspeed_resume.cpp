@@ -94,7 +94,9 @@ void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForC
   optimizer.load_master_weights(masters);
 }
 
-checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const TrainConfig& cfg, int64_t global_step,
+checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole,
+                                            const std::vector<std::pair<std::string, torch::Tensor>>& masters,
+                                            const TrainConfig& cfg, int64_t global_step,
                                             int64_t samples_per_step, int world_size, const c10::IValue& lr_scheduler) {
   checkpoint::DeepSpeedSave save;
   save.global_step = global_step;
@@ -108,6 +110,8 @@ checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const TrainConfi
   save.beta2 = whole.options().beta2;
   save.eps = whole.options().eps;
   save.lr_scheduler = lr_scheduler;
+  save.bf16 = cfg.bf16;
+  const std::map<std::string, torch::Tensor> master_of(masters.begin(), masters.end());
   for (size_t g = 0; g < whole.groups().size(); ++g) {
     const ParamGroup& group = whole.groups()[g];
     int64_t step = 0;
@@ -117,7 +121,9 @@ checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const TrainConfi
       std::string name = "base_model.model." + group.names[i];
       for (const std::string lora : {".lora_A.weight", ".lora_B.weight"})
         if (ends_with(name, lora)) name = name.substr(0, name.size() - 7) + ".default.weight";
-      save.params.push_back({name, g, group.params[i].detach(), s.exp_avg, s.exp_avg_sq});
+      auto master = master_of.count(group.names[i]) ? master_of.at(group.names[i]).view(group.params[i].sizes())
+                                                     : group.params[i].detach();
+      save.params.push_back({name, g, master, s.exp_avg, s.exp_avg_sq});
     }
     save.groups.push_back({group.lr, group.base_lr, group.weight_decay, step});
   }

@@ -19,9 +19,12 @@ void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForC
                              ShardedAdamW& optimizer);
 
 // The DeepSpeed layout of this run's checkpoint (write_deepspeed_checkpoint) from the whole optimizer
-// (ShardedAdamW::consolidated(), lrs already the next step's) of a PEFT LoRA fp32 run: names as PEFT's
-// wrapped model names them (base_model.model.<name>, lora_A.default.weight).
-checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const TrainConfig& cfg, int64_t global_step,
+// (ShardedAdamW::consolidated(), lrs already the next step's) of a PEFT LoRA run: names as PEFT's wrapped
+// model names them (base_model.model.<name>, lora_A.default.weight). `masters`: bf16 runs' fp32 master
+// weights by name (ShardedAdamW::master_weights()); empty in fp32 runs, whose parameters are the masters.
+checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole,
+                                            const std::vector<std::pair<std::string, torch::Tensor>>& masters,
+                                            const TrainConfig& cfg, int64_t global_step,
                                             int64_t samples_per_step, int world_size, const c10::IValue& lr_scheduler);
 
 }  // namespace llava::train

@@ -237,11 +237,11 @@ bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& op
   return static_cast<uint64_t>(state_bytes) <= io::parse_size(cfg.consolidate_optimizer_max_size);
 }
 
-// With `deepspeed:` in the config (as LLaVA's scripts pass it) a LoRA fp32 run's checkpoints also carry
+// With `deepspeed:` in the config (as LLaVA's scripts pass it) a LoRA run's checkpoints also carry
 // DeepSpeed's layout: the run was meant for DeepSpeed, and HF Trainer under DeepSpeed resumes nothing else
 // (it looks for global_step*/). Written with the consolidated optimizer only.
 bool writes_deepspeed_layout(const TrainConfig& cfg, const std::vector<LoraModule>& lora) {
-  return !cfg.deepspeed.empty() && !lora.empty() && !cfg.bf16;
+  return !cfg.deepspeed.empty() && !lora.empty();
 }
 
 // checkpoint-<step>/ in the HF Trainer layout: trained weights as PEFT (adapter + LLaVA's
@@ -262,7 +262,10 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
     for (auto& g : a.groups()) g.lr = g.base_lr * next_lr_factor;
   };
   if (whole) set_next_lr(*whole);
-  const auto masters = optimizer.sharded() ? decltype(optimizer.master_weights()){} : optimizer.master_weights();
+  const bool deepspeed_layout = whole && writes_deepspeed_layout(cfg, lora);  // the same on every rank
+  // fp32 masters (bf16 runs): our file when not sharded (ZeRO shards carry them), DeepSpeed's partitions.
+  const auto masters = optimizer.sharded() && !deepspeed_layout ? decltype(optimizer.master_weights()){}
+                                                                : optimizer.master_weights();
   const auto rng_states = gather_rng_states(comm);
 
   std::optional<checkpoint::PendingCheckpoint> pending;  // rank 0's; removed unless committed
@@ -287,10 +290,10 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
     if (whole) {
       io::save_pt(dir + "/optimizer.pt", adamw_state_dict(*whole));
       io::save_pt(dir + "/scheduler.pt", lambda_lr_state_dict(*whole, state.global_step));
-      if (writes_deepspeed_layout(cfg, lora))  // so HF Trainer + DeepSpeed resumes it at this world size
+      if (deepspeed_layout)  // so HF Trainer + DeepSpeed resumes it at this world size
         checkpoint::write_deepspeed_checkpoint(
-            dir, deepspeed_save_of(*whole, cfg, state.global_step, signature.samples_per_step, comm.world_size(),
-                                   lambda_lr_state_dict(*whole, state.global_step)));
+            dir, deepspeed_save_of(*whole, masters, cfg, state.global_step, signature.samples_per_step,
+                                   comm.world_size(), lambda_lr_state_dict(*whole, state.global_step)));
     } else {
       AdamW stateless(optimizer.groups(), AdamWOptions{});  // the schedule needs only the groups' lrs
       set_next_lr(stateless);
@@ -299,7 +302,7 @@ void save_checkpoint(const TrainConfig& cfg, model::LoadedModel& loaded, const s
     checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
     write_run_signature(dir, signature);
     write_rng_states(dir, rng_states);
-    write_master_weights(dir, masters);
+    if (!optimizer.sharded()) write_master_weights(dir, masters);
     pending->commit();
     checkpoint::rotate_checkpoints(cfg.output_dir, cfg.save_total_limit);
   });

@@ -289,54 +289,45 @@ def test_stage1_projector_only_deepspeed_checkpoint(world):
     assert max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:])) <= 1e-5
 
 
-def test_hf_trainer_deepspeed_continues_our_checkpoint(world):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_hf_trainer_deepspeed_continues_our_checkpoint(world, bf16):
     """`deepspeed: ds.json` in our YAML: our 2-rank ZeRO-2 checkpoint-K also carries DeepSpeed's layout, and
-    HF Trainer + DeepSpeed on 2 ranks continues it: its losses for K+1..M are our uninterrupted run's (1e-5),
-    and neither it nor DeepSpeed reports missing state."""
-    ds_config = world["root"] / "ds.json"
+    HF Trainer + DeepSpeed on 2 ranks continues it: its losses for K+1..M are our uninterrupted run's (fp32:
+    1e-5; bf16: 1e-3, bf16 forwards round differently), and neither it nor DeepSpeed reports missing state."""
+    name = "ours_ds_bf16" if bf16 else "ours_ds"
+    ds_config = world["root"] / f"{name}.json"
     ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-                                     "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}))
-    _, metrics = train(world, "ours_ds", 2, {"max_steps": M, "save_steps": K, "deepspeed": str(ds_config)})
-    ckpt = world["root"] / "ours_ds" / f"checkpoint-{K}"
+                                     "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                                     **({"bf16": {"enabled": "auto"}} if bf16 else {})}))
+    _, metrics = train(world, name, 2, {"max_steps": M, "save_steps": K, "deepspeed": str(ds_config), "bf16": bf16})
+    ckpt = world["root"] / name / f"checkpoint-{K}"
     assert (ckpt / "latest").read_text() == f"global_step{K}"
+    assert sorted(p.name for p in (ckpt / f"global_step{K}").glob("*optim_states.pt")) == [
+        f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
     assert {"optimizer.pt", "non_lora_trainables.bin"} <= {p.name for p in ckpt.iterdir()}  # ours as before
-    # What DeepSpeed reads is what we trained: our own reader's view of it equals our optimizer.pt.
+    # What DeepSpeed reads is what we trained: the Python mapping of the layout equals our optimizer.pt.
     ds = deepspeed_state(ckpt)
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
     order = [n for g in range(2) for n, v in ds.items() if v[4] == g]
     ids = [i for g in state["param_groups"] for i in g["params"]]
-    for i, name in zip(ids, order):
-        assert torch.equal(state["state"][i]["exp_avg"], ds[name][1]), name
+    for i, n in zip(ids, order):
+        assert torch.equal(state["state"][i]["exp_avg"], ds[n][1]) and int(state["state"][i]["step"]) == ds[n][3], n
 
-    resume_dir = world["root"] / "hf_from_ours"
+    resume_dir = world["root"] / f"hf_from_{name}"
     resume_dir.mkdir()
     shutil.copytree(ckpt, resume_dir / f"checkpoint-{K}")
-    _, log = deepspeed_run(world, "hf_from_ours", 2, M, 100, resume=resume_dir / f"checkpoint-{K}")
+    _, log = deepspeed_run(world, f"hf_from_{name}", 2, M, 100, bf16=bf16, resume=resume_dir / f"checkpoint-{K}")
     hf = [s for s in log["steps"] if s["step"] > K]
-    print(f"\nHF Trainer + DeepSpeed (2 ranks) continued our checkpoint-{K}: step, loss HF/ours")
+    print(f"\nHF Trainer + DeepSpeed (2 ranks, {'bf16' if bf16 else 'fp32'}) continued our checkpoint-{K}: "
+          "step, loss HF/ours")
     for h, o in zip(hf, metrics["steps"][K:]):
         print(f"  {h['step']}: {h['loss']:.9g}/{o['loss']:.9g}")
     suspicious = [l for l in log["output"].splitlines()
                   if re.search(r"missing|didn't find|not found|could not|mismatch|unexpected key", l, re.I)]
     print(f"  lines about missing state: {suspicious}")
     assert [h["step"] for h in hf] == list(range(K + 1, M + 1))
-    assert max(rel(h["loss"], o["loss"]) for h, o in zip(hf, metrics["steps"][K:])) <= 1e-5
+    assert max(rel(h["loss"], o["loss"]) for h, o in zip(hf, metrics["steps"][K:])) <= (1e-3 if bf16 else 1e-5)
     assert not suspicious
-
-
-def test_full_fine_tune_deepspeed_checkpoint(world):
-    """A full fine-tune (language model + projector; plain names, embeddings and norms in the no-decay group
-    too) under ZeRO-2 on 2 ranks, continued by us on 3."""
-    out, log = deepspeed_run(world, "ds_full", 2, M, K, full=True)
-    ckpt = out / f"checkpoint-{K}"
-    _, metrics = train(world, "from_ds_full", 3, {"max_steps": M, "save_steps": 100, "lora_enable": False,
-                                                  "resume_from_checkpoint": str(ckpt)})
-    print("\nfull fine-tune ZeRO-2 checkpoint continued by us on 3 ranks: step, loss ours/DeepSpeed")
-    for o, d in zip(metrics["steps"], log["steps"][K:]):
-        print(f"  {o['step']}: {o['loss']:.9g}/{d['loss']:.9g}")
-    assert metrics["trainable"] == [canonical(n) for n in log["trainable"]]
-    assert [o["step"] for o in metrics["steps"]] == list(range(K + 1, M + 1))
-    assert max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:])) <= 1e-5
 
 
 # --- Broken DeepSpeed files ------------------------------------------------------------------------------------
