@@ -5,6 +5,7 @@
 #include <map>
 #include <memory>
 #include <unordered_map>
+#include <set>
 #include <unordered_set>
 
 #include "io/error.h"
@@ -196,9 +197,10 @@ constexpr int kMaxNesting = 64;
 // A stack slot. Globals and the marks live only on the stack; a tuple that holds a global (only the
 // persistent id of a storage does) stays a raw list of items, shared so that memo copies stay cheap.
 struct Item {
-  enum Kind { Value, Global, Mark, RawTuple } kind = Value;
+  // Object: an instance of an allowed class (Globals::kDeepSpeed) waiting for its BUILD state.
+  enum Kind { Value, Global, Mark, RawTuple, Object } kind = Value;
   c10::IValue value;
-  std::string global;                                // "module.name" for Global
+  std::string global;                                // "module.name" for Global and Object
   std::shared_ptr<const std::vector<Item>> items;    // for RawTuple
   int depth = 0;                                     // for RawTuple: its nesting
 };
@@ -206,9 +208,9 @@ struct Item {
 class Reader {
  public:
   Reader(const std::string& bytes, const std::function<torch::Tensor(const StorageRef&)>& load_storage,
-         const std::string& where)
+         const std::string& where, Globals globals)
       : data_(reinterpret_cast<const uint8_t*>(bytes.data())), size_(bytes.size()), load_storage_(load_storage),
-        where_(where) {}
+        where_(where), globals_(globals) {}
 
   c10::IValue run() {
     while (true) {
@@ -335,6 +337,7 @@ class Reader {
     if (module == "torch")
       for (auto& [storage, _] : storage_types())
         if (storage == name) return;
+    if (globals_ == Globals::kDeepSpeed && deepspeed_globals().count(full)) return;
     bad("forbidden global '" + full + "' (only tensors, dicts, lists, tuples, numbers and strings are allowed)");
   }
 
@@ -398,10 +401,92 @@ class Reader {
     return storage.as_strided(size, stride, empty ? 0 : offset);
   }
 
+  // What DeepSpeed's files and HF's rng_state.pth add (Globals::kDeepSpeed): each becomes plain data.
+  static const std::set<std::string>& deepspeed_globals() {
+    static const std::set<std::string> names = {
+        "torch.Size", "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address", "numpy.ndarray", "numpy.dtype",
+        "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "_codecs.encode"};
+    return names;
+  }
+  static bool is_numpy(const std::string& global) { return global.rfind("numpy.", 0) == 0; }
+  void push_object(const std::string& global) {
+    Item object;
+    object.kind = Item::Object;
+    object.global = global;
+    stack_.push_back(std::move(object));
+  }
+
+  // cls.__new__(cls, *args) for the classes DeepSpeed pickles by NEWOBJ (no arguments; BUILD sets fields).
+  void new_object() {
+    Item args = pop();
+    Item cls = pop();
+    if (cls.kind != Item::Global || (cls.global != "deepspeed.runtime.fp16.loss_scaler.LossScaler" &&
+                                     cls.global != "deepspeed.utils.tensor_fragment.fragment_address"))
+      bad("NEWOBJ of something that is not an allowed class");
+    if (args.kind != Item::Value || !args.value.isTuple() || !args.value.toTupleRef().elements().empty())
+      bad("NEWOBJ of '" + cls.global + "' with arguments");
+    push_object(cls.global);
+  }
+
+  // BUILD of an allowed object: its state becomes its value (LossScaler: its fields; fragment_address:
+  // (numel, start); numpy: None, ignored).
+  void build_object(Item state) {
+    Item& target = top();
+    const std::string cls = target.global;
+    Item built;
+    if (is_numpy(cls)) {
+      built.value = c10::IValue();
+    } else if (state.kind != Item::Value || !state.value.isGenericDict()) {
+      bad("the state of '" + cls + "' must be a dict");
+    } else if (cls == "deepspeed.utils.tensor_fragment.fragment_address") {
+      auto fields = state.value.toGenericDict();
+      auto numel = fields.find("numel"), start = fields.find("start");
+      if (fields.size() != 2 || numel == fields.end() || start == fields.end() || !numel->value().isInt() ||
+          !start->value().isInt())
+        bad("fragment_address state must be {numel: int, start: int}");
+      built.value = c10::ivalue::Tuple::create({numel->value(), start->value()});
+    } else {
+      built = std::move(state);  // LossScaler: its fields
+    }
+    target = std::move(built);
+  }
+
+  // Globals::kDeepSpeed callables: torch.Size(t) -> t, ZeroStageEnum(v) -> v, _codecs.encode(s, enc) -> s,
+  // numpy.dtype(...) / _reconstruct(ndarray, ...) -> an object whose BUILD makes it None.
+  bool reduce_deepspeed(const Item& callable, const Item& args) {
+    if (globals_ != Globals::kDeepSpeed) return false;
+    const std::string& g = callable.global;
+    if (g == "numpy.dtype" || g == "numpy._core.multiarray._reconstruct" || g == "numpy.core.multiarray._reconstruct") {
+      push_object(g);
+      return true;
+    }
+    if (args.kind != Item::Value || !args.value.isTuple()) return false;
+    const auto& argv = args.value.toTupleRef().elements();
+    if (g == "torch.Size") {
+      if (argv.size() != 1) bad("torch.Size takes one tuple");
+      int_tuple(argv[0], "torch.Size");
+      push_value(argv[0]);
+      return true;
+    }
+    if (g == "deepspeed.runtime.zero.config.ZeroStageEnum") {
+      if (argv.size() != 1 || !argv[0].isInt()) bad("ZeroStageEnum takes one int");
+      push_value(argv[0]);
+      return true;
+    }
+    if (g == "_codecs.encode") {
+      if (argv.size() != 2 || !argv[0].isString() || !argv[1].isString()) bad("_codecs.encode takes two strings");
+      push_value(argv[0]);
+      return true;
+    }
+    return false;
+  }
+
   void reduce() {
     Item args = pop();
     Item callable = pop();
     if (callable.kind != Item::Global) bad("REDUCE of something that is not an allowed global");
+    if (reduce_deepspeed(callable, args)) return;
     if (args.kind != Item::Value || !args.value.isTuple()) bad("REDUCE arguments must be a tuple");
     auto argv = args.value.toTupleRef().elements().vec();
     if (callable.global == "collections.OrderedDict") {
@@ -522,9 +607,11 @@ class Reader {
       }
       case op::BINPERSID: return persistent_load();
       case op::REDUCE: return reduce();
+      case op::NEWOBJ: return new_object();
       case op::BUILD: {
         // Only an OrderedDict's instance attributes (state_dict()._metadata) come this way; drop them.
-        pop();
+        Item state = pop();
+        if (top().kind == Item::Object) return build_object(std::move(state));
         Item& target = top();
         if (target.kind != Item::Value || !target.value.isGenericDict()) bad("BUILD is only allowed on a dict");
         return;
@@ -554,6 +641,7 @@ class Reader {
   size_t pos_ = 0;
   const std::function<torch::Tensor(const StorageRef&)>& load_storage_;
   std::string where_;
+  Globals globals_;
   std::vector<Item> stack_;
   std::map<uint64_t, Item> memo_;
   std::map<std::string, torch::Tensor> storages_;
@@ -565,8 +653,8 @@ class Reader {
 }  // namespace
 
 c10::IValue loads(const std::string& bytes, const std::function<torch::Tensor(const StorageRef&)>& load_storage,
-                  const std::string& where) {
-  return Reader(bytes, load_storage, where).run();
+                  const std::string& where, Globals globals) {
+  return Reader(bytes, load_storage, where, globals).run();
 }
 
 }  // namespace llava::io::pickle

@@ -5,6 +5,13 @@
 // reader accepts only the globals below, so a file can never make us run code:
 //   collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter,
 //   torch.<X>Storage for the dtypes we support.
+// Globals::kDeepSpeed also accepts what DeepSpeed's checkpoint files and HF's rng_state.pth hold, each
+// rebuilt as plain data (nothing is constructed or called):
+//   torch.Size(t) -> the tuple t; deepspeed.runtime.zero.config.ZeroStageEnum(v) -> the int v;
+//   deepspeed.runtime.fp16.loss_scaler.LossScaler -> its fields as a dict;
+//   deepspeed.utils.tensor_fragment.fragment_address -> the tuple (numel, start);
+//   numpy arrays and dtypes (numpy.ndarray, numpy.dtype, numpy[._]core.multiarray._reconstruct, with
+//   _codecs.encode for their bytes) -> None (the NumPy RNG state, which we read and ignore).
 #pragma once
 #include <functional>
 #include <string>
@@ -26,10 +33,12 @@ struct StorageRef {
 // needed), appended to `storages` in key order "0", "1", ...
 std::string dumps(const c10::IValue& value, std::vector<torch::Tensor>& storages);
 
+enum class Globals { kTorch, kDeepSpeed };
+
 // Parses a protocol-2 pickle. `load_storage` returns a 1-D tensor of exactly ref.numel elements of
 // ref.dtype (it is called once per key). `where` names the file in every error message.
 c10::IValue loads(const std::string& bytes, const std::function<torch::Tensor(const StorageRef&)>& load_storage,
-                  const std::string& where);
+                  const std::string& where, Globals globals = Globals::kTorch);
 
 // Convenience builders for the values we write.
 c10::impl::GenericDict new_dict();

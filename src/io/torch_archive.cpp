@@ -49,7 +49,7 @@ void save_pt(const std::string& path, const c10::IValue& value) {
   });
 }
 
-c10::IValue load_pt(const std::string& path) {
+c10::IValue load_pt(const std::string& path, pickle::Globals globals) {
   if (!std::filesystem::is_regular_file(path)) fail(path, "no such file");
   if (!is_zip_file(path)) fail(path, "not a torch.save zip archive (expected it to start with PK\\x03\\x04)");
   const uint64_t file_size = std::filesystem::file_size(path);
@@ -73,7 +73,7 @@ c10::IValue load_pt(const std::string& path) {
         fail(path, "record '" + record + "' holds " + std::to_string(size) + " bytes, its storage needs " + std::to_string(want));
       return storage;
     };
-    return pickle::loads(pickled, load_storage, path);
+    return pickle::loads(pickled, load_storage, path, globals);
   } catch (const c10::Error& e) {
     fail(path, std::string("not a readable torch.save archive: ") + e.what_without_backtrace());
   } catch (const std::bad_alloc&) {

@@ -14,6 +14,9 @@ struct LinearAdapter {
   virtual ~LinearAdapter() = default;
   // x: [..., in] -> [..., out], added to the base projection.
   virtual torch::Tensor forward(const torch::Tensor& x) = 0;
+  // Whether forward draws from the random generator (LoRA dropout): the model then runs every projection
+  // on the same tensors HF does, so the draws (dropout masks) are HF's.
+  virtual bool draws_random_numbers() const { return false; }
 };
 
 class LinearImpl : public torch::nn::Module {

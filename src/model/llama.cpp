@@ -110,7 +110,10 @@ LlamaMlpImpl::LlamaMlpImpl(const TextConfig& c, const torch::TensorOptions& opti
 }
 
 torch::Tensor LlamaMlpImpl::forward(const torch::Tensor& x) {
-  return down_proj(activation(act, gate_proj(x)) * up_proj(x));
+  // gate before up, as HF: the operands of * may be evaluated in any order, and LoRA dropout draws its
+  // masks in call order.
+  auto gate = activation(act, gate_proj(x));
+  return down_proj(gate * up_proj(x));
 }
 
 LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const TextConfig& c, const torch::TensorOptions& options) {

@@ -4,6 +4,19 @@
 
 namespace llava::model {
 
+namespace {
+
+// Training with an adapter that draws random numbers (LoRA dropout): the row-only last layer would draw
+// masks of other shapes than HF's full layer.
+bool draws_random_numbers(torch::nn::Module& llm) {
+  if (!llm.is_training()) return false;
+  for (auto& m : llm.modules(/*include_self=*/false))
+    if (auto* linear = m->as<LinearImpl>(); linear && linear->adapter && linear->adapter->draws_random_numbers()) return true;
+  return false;
+}
+
+}  // namespace
+
 torch::Tensor scored_causal_lm_loss(LlavaForConditionalGeneration& model, const torch::Tensor& input_ids,
                                     const torch::Tensor& attention_mask, const torch::Tensor& pixel_values,
                                     const torch::Tensor& labels) {
@@ -25,6 +38,11 @@ torch::Tensor scored_causal_lm_loss(LlavaForConditionalGeneration& model, const 
     auto hidden = llm->forward(embeds, attention_mask, {}, nullptr);  // [B,T,H]
     auto no_logits = lm_head(hidden.reshape({-1, hidden.size(-1)}).narrow(0, 0, 0));  // [0,V]
     return (hidden.sum() * 0.0).to(torch::kFloat32) + no_logits.sum().to(torch::kFloat32);
+  }
+  if (draws_random_numbers(*llm)) {  // the whole last layer, as HF runs it: its dropout masks are HF's
+    auto hidden = llm->forward(embeds, attention_mask, {}, nullptr);  // [B,T,H]
+    auto logits = lm_head(hidden.reshape({-1, hidden.size(-1)}).index_select(0, scored));
+    return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), targets.index_select(0, scored));
   }
   auto logits = lm_head(llm->forward_rows(embeds, attention_mask, scored));  // [N,V]
   return torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), targets.index_select(0, scored));

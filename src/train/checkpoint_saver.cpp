@@ -8,11 +8,13 @@
 
 #include <torch/cuda.h>
 
+#include "checkpoint/deepspeed_checkpoint.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
 #include "train/adamw.h"
+#include "train/deepspeed_resume.h"
 #include "train/device.h"
 #include "train/hf_state.h"
 #include "train/pretrained_parts.h"
@@ -58,6 +60,13 @@ void write_on_ranks(dist::Communicator& comm, const std::string& what, bool on_e
 // Whether optimizer.pt (the whole state, gathered on every rank) is written: always without sharding;
 // under ZeRO only while the state is at most consolidate_optimizer_max_size, as gathering it costs
 // every rank the whole state's memory.
+// With `deepspeed:` in the config (as LLaVA's scripts pass it) a LoRA run's checkpoints also carry
+// DeepSpeed's layout: the run was meant for DeepSpeed, and HF Trainer under DeepSpeed resumes nothing else
+// (it looks for global_step*/). Written with the consolidated optimizer only.
+bool writes_deepspeed_layout(const TrainConfig& cfg, const std::vector<LoraModule>& lora) {
+  return !cfg.deepspeed.empty() && !lora.empty();
+}
+
 bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& optimizer) {
   if (!optimizer.sharded()) return true;
   const int64_t state_bytes = optimizer.layout().total_numel * (cfg.bf16 ? 12 : 8);
@@ -119,6 +128,7 @@ struct CheckpointSaver::Staged {
   RunSignature signature;
   std::vector<torch::Tensor> rng_states, cuda_rng_states;
   NamedTensors masters;
+  std::optional<checkpoint::DeepSpeedSave> deepspeed;  // with `deepspeed:` in a LoRA run's config
   std::unique_ptr<checkpoint::PendingCheckpoint> pending;
   std::atomic<double> write_seconds{-1};
 
@@ -141,10 +151,11 @@ struct CheckpointSaver::Staged {
       io::write_file_atomic(dir + "/config.json", io::read_input_file(base_config.string(), io::InputKind::kConfig));
     if (!optimizer_pt.isNone()) io::save_pt(dir + "/optimizer.pt", optimizer_pt);
     io::save_pt(dir + "/scheduler.pt", scheduler_pt);
+    if (deepspeed) checkpoint::write_deepspeed_checkpoint(dir, *deepspeed);  // HF Trainer + DeepSpeed resume it
     checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
     write_run_signature(dir, signature);
     write_rng_states(dir, rng_states, cuda_rng_states);
-    write_master_weights(dir, masters);
+    if (!sharded) write_master_weights(dir, masters);  // ZeRO shards carry them
   }
 
   void commit() {
@@ -195,11 +206,14 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   // straight into the kept host buffers instead (consolidated() would gather it into fresh ones).
   std::optional<AdamW> whole;
   NamedTensors masters;
+  // DeepSpeed's layout goes with optimizer.pt only; it needs the fp32 masters (bf16) under ZeRO too. The
+  // same decision on every rank: master_weights() is collective under ZeRO.
+  const bool deepspeed_layout = write_consolidated_optimizer(cfg_, optimizer_) && writes_deepspeed_layout(cfg_, lora_);
   if (async_ && !optimizer_.sharded()) {
     if (comm_.rank() == 0) whole = staged_whole_optimizer(masters);  // only rank 0 writes it
   } else {
     if (write_consolidated_optimizer(cfg_, optimizer_)) whole = optimizer_.consolidated();  // fresh buffers
-    if (!optimizer_.sharded()) masters = optimizer_.master_weights();                         // fresh copies
+    if (!optimizer_.sharded() || deepspeed_layout) masters = optimizer_.master_weights();    // fresh copies
   }
   s->rng_states = gather_rng_states(comm_, cpu_rng_state());
   const torch::Device device = loaded_.model->parameters().front().device();
@@ -263,6 +277,9 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
     s->scheduler_pt = lambda_lr_state_dict(stateless, state.global_step);
   }
   for (auto& [name, t] : masters) s->masters.emplace_back(name, host("master/" + name, t));
+  if (whole && deepspeed_layout)
+    s->deepspeed = deepspeed_save_of(*whole, s->masters, cfg_, state.global_step, signature.samples_per_step,
+                                     comm_.world_size(), s->scheduler_pt);
   s->state = state;
   s->signature = signature;
   staging_.wait();

@@ -169,7 +169,7 @@ void check_relations(const TrainConfig& c, const std::string& where) {
   data::check_data_config(c.data, where);
 }
 
-// A DeepSpeed JSON: its zero_optimization.stage and reduce_bucket_size.
+// A DeepSpeed JSON: its zero_optimization.stage, reduce_bucket_size and gradient_clipping.
 void read_deepspeed(TrainConfig& c) {
   const nlohmann::json ds = io::read_json_file(c.deepspeed);
   if (!ds.is_object() || (ds.contains("zero_optimization") && !ds["zero_optimization"].is_object()))
@@ -186,6 +186,16 @@ void read_deepspeed(TrainConfig& c) {
     c.reduce_bucket_size = static_cast<int64_t>(value);
   } else if (bucket != "auto") {  // "auto" (HF Trainer fills it in): our default
     fail(c.deepspeed, "zero_optimization.reduce_bucket_size: expected a number or \"auto\", got " + bucket.dump());
+  }  // DeepSpeed clips at its gradient_clipping whatever max_grad_norm says; absent it clips at its own default
+  // 1.0 (LLaVA's zero2.json names none); "auto" is HF Trainer's max_grad_norm.
+  auto clipping = ds.value("gradient_clipping", nlohmann::json(1.0));
+  if (clipping.is_number()) {
+    const double value = clipping.get<double>();
+    if (!(value >= 0 && value <= 1e9))
+      fail(c.deepspeed, "gradient_clipping: expected a number in [0, 1e9] or \"auto\", got " + clipping.dump());
+    c.max_grad_norm = value;
+  } else if (clipping != "auto") {
+    fail(c.deepspeed, "gradient_clipping: expected a number in [0, 1e9] or \"auto\", got " + clipping.dump());
   }
 }
 

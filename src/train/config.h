@@ -73,7 +73,7 @@ struct TrainConfig {
 
   // Scale-out
   int64_t zero_stage = 0;
-  std::string deepspeed;  // a DeepSpeed JSON; its zero_optimization.stage sets zero_stage
+  std::string deepspeed;  // a DeepSpeed JSON; sets zero_stage, reduce_bucket_size, max_grad_norm (gradient_clipping)
   double ddp_timeout = 1800;
   double step_timeout = 0;  // seconds without a finished step before a rank reports where it is and exits; 0: off
   std::string consolidate_optimizer_max_size = "2GB";  // ZeRO: also write optimizer.pt up to this state size

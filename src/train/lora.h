@@ -43,6 +43,7 @@ class LoraAdapter : public model::LinearAdapter {
  public:
   LoraAdapter(int64_t in_features, int64_t out_features, const LoraConfig& config, const torch::TensorOptions& options);
   torch::Tensor forward(const torch::Tensor& x) override;  // [..., in] -> [..., out]
+  bool draws_random_numbers() const override { return dropout > 0; }
 
   torch::Tensor delta_weight() const;  // B A * scaling, [out, in], computed in fp32
 

@@ -14,6 +14,8 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/deepspeed_checkpoint.h"
+#include "checkpoint/hf_rng_state.h"
 #include "checkpoint/peft_adapter.h"
 #include "data/config.h"
 #include "data/masked_samples.h"
@@ -27,6 +29,7 @@
 #include "model/weights.h"
 #include "train/adamw.h"
 #include "train/checkpoint_saver.h"
+#include "train/deepspeed_resume.h"
 #include "train/device.h"
 #include "train/hf_state.h"
 #include "train/lora.h"
@@ -198,6 +201,17 @@ RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>&
   return s;
 }
 
+// This rank's generators: the CPU one (LoRA dropout draws from it): ours, else HF Trainer's
+// rng_state[_R].pth; on a CUDA device also its generator (a CPU run's checkpoint has none: it stays as seeded).
+void restore_rng_state(const std::string& dir, int rank, const torch::Device& device) {
+  if (auto rng = read_rng_state(dir, rank))
+    set_cpu_rng_state(*rng);
+  else if (auto hf = checkpoint::read_hf_cpu_rng_state(dir, rank))
+    set_cpu_rng_state(*hf);
+  if (device.is_cuda())
+    if (auto rng = read_cuda_rng_state(dir, rank)) set_cuda_rng_state(device, *rng);
+}
+
 // resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
 // or a checkpoint dir. Returns "" for a fresh start.
 std::string checkpoint_to_resume(const TrainConfig& cfg) {
@@ -218,6 +232,13 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
   if (auto saved = read_run_signature(dir))
     for (auto& change : check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
   auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
+  // HF Trainer + DeepSpeed: weights and state in global_stepN/ (ours carry optimizer.pt beside it).
+  if (checkpoint::is_deepspeed_checkpoint(dir) && !fs::exists(fs::path(dir) / "optimizer.pt")) {
+    if (!lora.empty()) load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");  // checks r / lora_alpha
+    restore_deepspeed_state(dir, loaded.model, optimizer);
+    restore_rng_state(dir, rank, loaded.model->parameters().front().device());
+    return state;
+  }
   if (!lora.empty()) {
     load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");
     load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
@@ -236,10 +257,7 @@ checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainC
     optimizer.load_consolidated(whole);
     optimizer.load_master_weights(read_master_weights(dir));
   }
-  if (auto rng = read_rng_state(dir, rank)) set_cpu_rng_state(*rng);
-  const torch::Device& device = loaded.model->parameters().front().device();
-  if (device.is_cuda())  // a CPU run's checkpoint has none: the generator stays as seeded
-    if (auto rng = read_cuda_rng_state(dir, rank)) set_cuda_rng_state(device, *rng);
+  restore_rng_state(dir, rank, loaded.model->parameters().front().device());
   return state;
 }
 
@@ -457,6 +475,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   if (const std::string resume = checkpoint_to_resume(cfg); !resume.empty()) {
     const auto restored = restore_checkpoint(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(), log);
     step = restored.global_step;
+    state.global_step = step;  // a run resumed at max_steps saves checkpoint-<step>, not checkpoint-0
+    state.epoch = restored.epoch;
     state.log_history = restored.log_history;
     last_logged_step = step;  // as HF Trainer: the first log line averages over the steps this run makes
     if (const auto saved = read_run_signature(resume); saved && saved->logging) {  // ours: continue the line

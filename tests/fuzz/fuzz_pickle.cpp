@@ -29,5 +29,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (static_cast<uint64_t>(ref.numel) > size) throw llava::Error("storage larger than the input");
     return torch::zeros({ref.numel}, torch::TensorOptions().dtype(ref.dtype));
   };
-  return llava::fuzz::expect_ok_or_error([&] { walk(llava::io::pickle::loads(bytes, storage, "fuzz.pkl")); });
+  // Both allowlists: the weights-only one, and the one for DeepSpeed's files and HF's rng_state.pth.
+  int result = llava::fuzz::expect_ok_or_error([&] { walk(llava::io::pickle::loads(bytes, storage, "fuzz.pkl")); });
+  result |= llava::fuzz::expect_ok_or_error([&] {
+    walk(llava::io::pickle::loads(bytes, storage, "fuzz.pkl", llava::io::pickle::Globals::kDeepSpeed));
+  });
+  return result;
 }

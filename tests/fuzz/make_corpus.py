@@ -118,6 +118,29 @@ def torch_seeds():
     for name, pkl in regressions().items():
         put(d_pkl, name + ".pkl", pkl)
         put(d_pt, name + ".pt", zip_pt(pkl))
+    for name, obj in deepspeed_values().items():  # what io::pickle::Globals::kDeepSpeed reads
+        pt = torch_save_bytes(obj)
+        put(d_pt, name + ".pt", pt)
+        put(d_pkl, name + ".pkl", data_pkl(pt))
+
+
+def deepspeed_values():
+    """Small files with every global of DeepSpeed's checkpoint files and HF's rng_state.pth, made by the
+    real classes (DeepSpeed from the oracle venv)."""
+    import random
+    import numpy as np
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    optim = {"optimizer_state_dict": {
+        "loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2), "group_paddings": [0], "partition_count": [2],
+        "single_partition_of_fp32_groups": [torch.ones(4)],
+        "param_slice_mappings": [collections.OrderedDict(w=fragment_address(numel=4, start=0))]}}
+    model_states = {"param_shapes": [collections.OrderedDict(w=torch.Size([2, 2]))], "module": {"w": torch.ones(2, 2)}}
+    rng = {"python": random.Random(0).getstate(), "numpy": np.random.RandomState(0).get_state(),
+           "cpu": torch.Generator().manual_seed(0).get_state()}
+    return {"deepspeed_optim_states": optim, "deepspeed_model_states": model_states, "hf_rng_state": rng}
 
 
 def model_config_seeds():

@@ -77,6 +77,56 @@ TEST_CASE("the unpickler refuses globals outside the weights-only allowlist") {
   CHECK(error_of([&] { io::pickle::loads(numpy, nullptr, "n.pt"); }).find("numpy.core.multiarray._reconstruct") != std::string::npos);
 }
 
+TEST_CASE("Globals::kDeepSpeed rebuilds DeepSpeed's classes as plain data and still refuses every other global") {
+  using io::pickle::Globals;
+  const std::string proto = std::string("\x80\x02");
+  // fragment_address.__new__() + BUILD {numel: 64, start: 3} -> (64, 3), as DeepSpeed's param_slice_mappings.
+  const std::string fragment = proto + "cdeepspeed.utils.tensor_fragment\nfragment_address\n)\x81" +
+                               "}(\x8c\x05numelK@\x8c\x05startK\x03ub.";
+  auto f = io::pickle::loads(fragment, nullptr, "f.pt", Globals::kDeepSpeed);
+  REQUIRE(f.isTuple());
+  CHECK(f.toTupleRef().elements()[0].toInt() == 64);
+  CHECK(f.toTupleRef().elements()[1].toInt() == 3);
+  // LossScaler -> its fields; ZeroStageEnum(2) -> 2; torch.Size((3, 4)) -> (3, 4).
+  const std::string scaler = proto + "cdeepspeed.runtime.fp16.loss_scaler\nLossScaler\n)\x81}(\x8c\x09" + "cur_scaleG" +
+                             std::string("\x3f\xf0\0\0\0\0\0\0", 8) + "ub.";
+  auto ls = io::pickle::loads(scaler, nullptr, "l.pt", Globals::kDeepSpeed);
+  REQUIRE(ls.isGenericDict());
+  CHECK(ls.toGenericDict().at("cur_scale").toDouble() == 1.0);
+  const std::string stage = proto + "cdeepspeed.runtime.zero.config\nZeroStageEnum\nK\x02\x85R.";
+  CHECK(io::pickle::loads(stage, nullptr, "z.pt", Globals::kDeepSpeed).toInt() == 2);
+  const std::string size = proto + "ctorch\nSize\nK\x03K\x04\x86\x85R.";
+  CHECK(io::pickle::loads(size, nullptr, "s.pt", Globals::kDeepSpeed).toTupleRef().elements()[1].toInt() == 4);
+  // The same files are refused without kDeepSpeed; other globals and calls stay refused with it.
+  CHECK(error_of([&] { io::pickle::loads(fragment, nullptr, "f.pt"); }).find("forbidden global 'deepspeed.utils.tensor_fragment.fragment_address'") != std::string::npos);
+  std::string evil = proto + "cos\nsystem\n" + "\x8c\x04" + "echo" + "\x85R.";
+  CHECK(error_of([&] { io::pickle::loads(evil, nullptr, "e.pt", Globals::kDeepSpeed); }).find("forbidden global 'os.system'") != std::string::npos);
+  const std::string called = proto + "cdeepspeed.utils.tensor_fragment\nfragment_address\nK\x01\x85R.";  // REDUCE, not NEWOBJ
+  CHECK(error_of([&] { io::pickle::loads(called, nullptr, "c.pt", Globals::kDeepSpeed); }).find("cannot be called") != std::string::npos);
+  const std::string with_args = proto + "cdeepspeed.utils.tensor_fragment\nfragment_address\nK\x01\x85\x81.";
+  CHECK(error_of([&] { io::pickle::loads(with_args, nullptr, "a.pt", Globals::kDeepSpeed); }).find("with arguments") != std::string::npos);
+  const std::string unbuilt = proto + "]cdeepspeed.utils.tensor_fragment\nfragment_address\n)\x81" + "a.";  // never BUILD
+  CHECK(error_of([&] { io::pickle::loads(unbuilt, nullptr, "u.pt", Globals::kDeepSpeed); }).find("not a value") != std::string::npos);
+}
+
+TEST_CASE("files made by DeepSpeed's real classes and a NumPy RNG state read as plain data (fuzz seeds)") {
+  const std::string dir = std::string(LLAVA_SOURCE_DIR) + "/tests/fuzz/corpus/torch_archive/";
+  using io::pickle::Globals;
+  auto optim = io::load_pt(dir + "deepspeed_optim_states.pt", Globals::kDeepSpeed).toGenericDict();
+  auto osd = optim.at("optimizer_state_dict").toGenericDict();
+  CHECK(osd.at("zero_stage").toInt() == 2);
+  CHECK(osd.at("loss_scaler").toGenericDict().at("cur_scale").toDouble() == 1.0);
+  auto fragment = osd.at("param_slice_mappings").toList().get(0).toGenericDict().at("w").toTupleRef().elements();
+  CHECK((fragment[0].toInt() == 4 && fragment[1].toInt() == 0));
+  auto states = io::load_pt(dir + "deepspeed_model_states.pt", Globals::kDeepSpeed).toGenericDict();
+  auto shape = states.at("param_shapes").toList().get(0).toGenericDict().at("w").toTupleRef().elements();
+  CHECK((shape.size() == 2 && shape[0].toInt() == 2 && shape[1].toInt() == 2));
+  auto rng = io::load_pt(dir + "hf_rng_state.pt", Globals::kDeepSpeed).toGenericDict();
+  CHECK(rng.at("numpy").toTupleRef().elements()[1].isNone());  // ('MT19937', array -> None, pos, ...)
+  CHECK(rng.at("cpu").toTensor().numel() == 5056);
+  CHECK(error_of([&] { io::load_pt(dir + "hf_rng_state.pt"); }).find("forbidden global") != std::string::npos);
+}
+
 TEST_CASE("the unpickler refuses truncated data, bad opcodes and views outside their storage") {
   std::vector<torch::Tensor> storages;
   auto good = io::pickle::dumps(torch::arange(4, torch::kFloat32), storages);

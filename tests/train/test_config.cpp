@@ -128,6 +128,16 @@ TEST_CASE("a DeepSpeed JSON's zero_optimization.stage sets zero_stage") {
                     Catch::Contains("reduce_bucket_size"));
 }
 
+TEST_CASE("a DeepSpeed JSON's gradient_clipping sets max_grad_norm as DeepSpeed clips: default 1.0, auto = max_grad_norm") {
+  auto load = [](const std::string& name, const std::string& json) {
+    return train::load_train_config(write_config("s2.yaml", kStage2), {"max_grad_norm=0.3", "deepspeed=" + write_config(name, json)});
+  };
+  CHECK(load("clip_none.json", R"({"zero_optimization": {"stage": 2}})").max_grad_norm == 1.0);
+  CHECK(load("clip_auto.json", R"({"gradient_clipping": "auto"})").max_grad_norm == 0.3);
+  CHECK(load("clip_num.json", R"({"gradient_clipping": 0.5})").max_grad_norm == 0.5);
+  CHECK_THROWS_WITH(load("clip_bad.json", R"({"gradient_clipping": -1})"), Catch::Contains("gradient_clipping"));
+}
+
 TEST_CASE("the LLaVA-1.5 recipes in configs/ parse") {
   for (const char* name : {"llava-1.5-stage1-pretrain.yaml", "llava-1.5-stage2-lora.yaml", "llava-1.5-stage2-full.yaml"}) {
     INFO(name);
