@@ -95,8 +95,12 @@ void load_adamw_state_dict(AdamW& optimizer, const c10::IValue& value, const std
                         " has shape " + c10::str(exp_avg.sizes()) + ", the parameter has " + c10::str(param.sizes()));
       const auto& step = entry(s, "step", where);
       dst.step = step.isTensor() ? static_cast<int64_t>(step.toTensor().item<double>()) : static_cast<int64_t>(step.toDouble());
-      dst.exp_avg = exp_avg.to(param.options()).clone();
-      dst.exp_avg_sq = exp_avg_sq.to(param.options()).clone();
+      // Our moments are fp32 whatever the parameter's dtype (bf16 runs keep fp32 masters); torch's for a
+      // bf16 parameter are bf16, which widen exactly. Never narrowed to the parameter's dtype: a bf16 run's
+      // resume would round its fp32 moments (and the update would meet bf16 moments beside fp32 masters).
+      const auto moment_options = torch::TensorOptions().device(param.device()).dtype(torch::kFloat32);
+      dst.exp_avg = exp_avg.to(moment_options).clone();
+      dst.exp_avg_sq = exp_avg_sq.to(moment_options).clone();
     }
   }
 }

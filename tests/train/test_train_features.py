@@ -264,6 +264,23 @@ def test_sigterm_with_save_on_interrupt_saves_then_resumes_exactly(world, ranks)
           "weights bitwise equal")
 
 
+@pytest.mark.parametrize("stage", ["stage1", "lora", "full"])
+def test_bf16_resume_without_sharding_is_bitwise(world, stage):
+    """bf16 with fp32 masters, ZeRO 0: stopped after step 3, resumed from checkpoint-3 (optimizer.pt holds fp32
+    moments for bf16 parameters, llava_master_weights the fp32 masters): bitwise equal to the whole run. Every
+    trained tensor is bf16 in stage 1 and the full fine-tune (LoRA: the projector)."""
+    s = {**({"tune_mm_mlp_adapter": True} if stage == "stage1" else LORA if stage == "lora" else {}), "bf16": True,
+         "save_strategy": "steps", "save_steps": 3}
+    _, whole, whole_w = train(world, f"bf16_whole_{stage}", s)
+    name = f"bf16_stop_{stage}"
+    run(command(world, name, s, 1) + ["--stop-after-steps", "3"])
+    run(command(world, name, {**s, "resume_from_checkpoint": "auto"}, 1))
+    rest, rest_w = finished(world, name, 1)
+    assert rest == whole[3:]
+    for n in whole_w:
+        assert torch.equal(rest_w[n], whole_w[n]), n
+
+
 @pytest.mark.parametrize("stage", ["stage1", "lora"])
 @pytest.mark.parametrize("ranks", RANKS)
 def test_stop_in_the_middle_of_accumulation_then_resume_is_bitwise(world, stage, ranks):
