@@ -504,107 +504,113 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   }
   CheckpointSaver saver(cfg, loaded, lora, lora_config_for(cfg), optimizer, comm, async_save_enabled(cfg, device));
   Watchdog watchdog(cfg.step_timeout, comm.rank(), step);  // step_timeout: a rank stuck anywhere exits
-  for (int64_t epoch = first_epoch; epoch < epochs && step < max_steps && !stopped; ++epoch) {
-    // A resumed run starts at the next window of its epoch: no batch is replayed.
-    const int64_t skip_windows = epoch == first_epoch ? first_window : 0;
-    data::DataLoader loader(dataset, sampler, {epoch, skip_windows * samples_per_step}, cfg.data.dataloader_num_workers);
-    int64_t batches_seen = skip_windows * accum;
-    for (int64_t window = skip_windows; window < steps_per_epoch && step < max_steps && !stopped; ++window) {
-      // One optimizer step: a window of micro-batches on every rank, their gradients summed.
-      std::vector<data::Batch> micro_batches;
-      watchdog.enter(Phase::data);
-      hang_here_if_testing(step + 1, comm.rank());
-      const int64_t size = std::min(accum, batches_per_epoch - window * accum);
-      for (int64_t i = 0; i < size; ++i)
-        if (auto b = loader.next()) micro_batches.push_back(std::move(*b));
-      if (micro_batches.empty()) break;
-      for (auto& b : micro_batches) {
-        samples_drawn += b.input_ids.size(0);
-        for (auto& line : masked_samples.note(b)) progress.log(line);
-      }
-      // The loss is the mean over every scored token of the global window, so ranks agree on its count.
-      auto window_tokens = torch::zeros({1}, torch::kFloat64);
-      for (auto& b : micro_batches) window_tokens += static_cast<double>(scored_tokens(b.labels));
-      watchdog.enter(Phase::collective);
-      allreduce_sum(comm, window_tokens);
-      const auto tokens = std::max<int64_t>(static_cast<int64_t>(window_tokens.item<double>()), 1);
-      scored_any = scored_any || window_tokens.item<double>() > 0;
-      if (!scored_any && (step - first_step + 1 >= steps_per_epoch || step + 1 >= max_steps)) {
-        std::string files;  // an epoch (or the whole run) without one token to learn: the data is at fault
-        for (auto& f : cfg.data.data_path) files += (files.empty() ? "" : ", ") + f;
-        throw Error(files + ": no record in a whole epoch has a token to learn (every label is "
-                    "masked: answers missing, or cut off by model_max_length " +
-                    std::to_string(cfg.data.model_max_length) + ")");
-      }
+  // A library error inside the loop (a tensor op, a collective) names where this rank was.
+  try {
+    for (int64_t epoch = first_epoch; epoch < epochs && step < max_steps && !stopped; ++epoch) {
+      // A resumed run starts at the next window of its epoch: no batch is replayed.
+      const int64_t skip_windows = epoch == first_epoch ? first_window : 0;
+      data::DataLoader loader(dataset, sampler, {epoch, skip_windows * samples_per_step}, cfg.data.dataloader_num_workers);
+      int64_t batches_seen = skip_windows * accum;
+      for (int64_t window = skip_windows; window < steps_per_epoch && step < max_steps && !stopped; ++window) {
+        // One optimizer step: a window of micro-batches on every rank, their gradients summed.
+        std::vector<data::Batch> micro_batches;
+        watchdog.enter(Phase::data);
+        hang_here_if_testing(step + 1, comm.rank());
+        const int64_t size = std::min(accum, batches_per_epoch - window * accum);
+        for (int64_t i = 0; i < size; ++i)
+          if (auto b = loader.next()) micro_batches.push_back(std::move(*b));
+        if (micro_batches.empty()) break;
+        for (auto& b : micro_batches) {
+          samples_drawn += b.input_ids.size(0);
+          for (auto& line : masked_samples.note(b)) progress.log(line);
+        }
+        // The loss is the mean over every scored token of the global window, so ranks agree on its count.
+        auto window_tokens = torch::zeros({1}, torch::kFloat64);
+        for (auto& b : micro_batches) window_tokens += static_cast<double>(scored_tokens(b.labels));
+        watchdog.enter(Phase::collective);
+        allreduce_sum(comm, window_tokens);
+        const auto tokens = std::max<int64_t>(static_cast<int64_t>(window_tokens.item<double>()), 1);
+        scored_any = scored_any || window_tokens.item<double>() > 0;
+        if (!scored_any && (step - first_step + 1 >= steps_per_epoch || step + 1 >= max_steps)) {
+          std::string files;  // an epoch (or the whole run) without one token to learn: the data is at fault
+          for (auto& f : cfg.data.data_path) files += (files.empty() ? "" : ", ") + f;
+          throw Error(files + ": no record in a whole epoch has a token to learn (every label is "
+                      "masked: answers missing, or cut off by model_max_length " +
+                      std::to_string(cfg.data.model_max_length) + ")");
+        }
 
-      // The window's batches go to the device at once: the copies run while the first forward starts.
-      std::vector<data::Batch> on_device;
-      for (auto& b : micro_batches) on_device.push_back(batch_on_device(b, device));
-      // Summed where the losses are, read back once per step (the NaN/Inf policy and the log need it).
-      auto loss_sum = torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(device));
-      for (size_t i = 0; i < micro_batches.size(); ++i) {
-        watchdog.enter(Phase::forward);
-        auto l = micro_batch_loss(model, micro_batches[i], on_device[i], tokens);
-        watchdog.enter(Phase::backward);
-        if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
-        optimizer.finish_micro_batch();       // every rank (ZeRO 2: the buckets its backward did not reduce)
-        loss_sum += l.detach().to(torch::kFloat64);
-        if (++micro_batches_run == debug.stop_after_micro_batches) return history;  // as if killed here
-      }
-      watchdog.enter(Phase::collective);
-      allreduce_sum(comm, loss_sum);
-      const double loss = loss_sum.item<double>();
-      batches_seen += static_cast<int64_t>(micro_batches.size());
+        // The window's batches go to the device at once: the copies run while the first forward starts.
+        std::vector<data::Batch> on_device;
+        for (auto& b : micro_batches) on_device.push_back(batch_on_device(b, device));
+        // Summed where the losses are, read back once per step (the NaN/Inf policy and the log need it).
+        auto loss_sum = torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(device));
+        for (size_t i = 0; i < micro_batches.size(); ++i) {
+          watchdog.enter(Phase::forward);
+          auto l = micro_batch_loss(model, micro_batches[i], on_device[i], tokens);
+          watchdog.enter(Phase::backward);
+          if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
+          optimizer.finish_micro_batch();       // every rank (ZeRO 2: the buckets its backward did not reduce)
+          loss_sum += l.detach().to(torch::kFloat64);
+          if (++micro_batches_run == debug.stop_after_micro_batches) return history;  // as if killed here
+        }
+        watchdog.enter(Phase::collective);
+        allreduce_sum(comm, loss_sum);
+        const double loss = loss_sum.item<double>();
+        batches_seen += static_cast<int64_t>(micro_batches.size());
 
-      const double grad_norm = optimizer.reduce_gradients();  // the same on every rank
-      const double factor = schedule.factor(step);
-      if (std::isfinite(loss) && std::isfinite(grad_norm)) {
-        saver.before_update();  // an async save reading the parameters and moments in place ends first
-        optimizer.update(cfg.max_grad_norm, factor);
-      } else if (cfg.skip_nonfinite_steps) {
-        optimizer.discard();
-        progress.log("step " + std::to_string(step + 1) + ": loss " + format_float(loss) + ", grad_norm " +
-                     format_float(grad_norm) + ": update skipped (" + std::to_string(++skipped_steps) +
-                     " skipped so far; skip_nonfinite_steps: true)");
-      } else {
-        throw Error("step " + std::to_string(step + 1) + ": loss " + format_float(loss) + ", grad_norm " +
-                    format_float(grad_norm) + ": stopping before the update (nothing was saved from this step; "
-                    "set skip_nonfinite_steps: true to skip such steps)");
-      }
-      ++step;
-      watchdog.step_done(step);
+        const double grad_norm = optimizer.reduce_gradients();  // the same on every rank
+        const double factor = schedule.factor(step);
+        if (std::isfinite(loss) && std::isfinite(grad_norm)) {
+          saver.before_update();  // an async save reading the parameters and moments in place ends first
+          optimizer.update(cfg.max_grad_norm, factor);
+        } else if (cfg.skip_nonfinite_steps) {
+          optimizer.discard();
+          progress.log("step " + std::to_string(step + 1) + ": loss " + format_float(loss) + ", grad_norm " +
+                       format_float(grad_norm) + ": update skipped (" + std::to_string(++skipped_steps) +
+                       " skipped so far; skip_nonfinite_steps: true)");
+        } else {
+          throw Error("step " + std::to_string(step + 1) + ": loss " + format_float(loss) + ", grad_norm " +
+                      format_float(grad_norm) + ": stopping before the update (nothing was saved from this step; "
+                      "set skip_nonfinite_steps: true to skip such steps)");
+        }
+        ++step;
+        watchdog.step_done(step);
 
-      StepMetrics m{step, loss, grad_norm, cfg.learning_rate * factor,
-                    epoch + static_cast<double>(batches_seen) / batches_per_epoch};
-      history.push_back(m);
-      int64_t samples = 0;  // this rank's; every rank takes equal batches
-      for (auto& b : micro_batches) samples += b.input_ids.size(0);
-      progress.update({step, max_steps, loss, m.learning_rate, m.grad_norm, samples * comm.world_size()});
-      logged_loss += loss;
-      state.global_step = step;
-      state.epoch = m.epoch;
-      if (cfg.logging_steps > 0 && step % cfg.logging_steps == 0) {
-        // HF Trainer's _maybe_log_save_evaluate: the mean over the steps since the last line (fewer than
-        // logging_steps after a resume from a checkpoint that did not carry the line in progress); grad_norm
-        // and learning_rate are this step's.
-        const double mean_loss = logged_loss / static_cast<double>(step - last_logged_step);
-        progress.log(log_line(mean_loss, m.grad_norm, m.learning_rate, m.epoch));
-        state.log_history.push_back({{"loss", mean_loss}, {"grad_norm", m.grad_norm},
-                                     {"learning_rate", m.learning_rate}, {"epoch", m.epoch}, {"step", step}});
-        logged_loss = 0;
-        last_logged_step = step;
-      }
-      watchdog.enter(Phase::save);
-      saver.check();  // a background save that failed ends the run here, on every rank
-      if (save_every && step % cfg.save_steps == 0) saver.save(state, signature(step), schedule.factor(step));
-      if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
-      if (cfg.save_on_interrupt && interrupt_requested(comm)) {
-        if (!(save_every && step % cfg.save_steps == 0)) saver.save(state, signature(step), schedule.factor(step));
-        saver.finish();
-        progress.log("interrupted by a signal: saved checkpoint-" + std::to_string(step) + ", stopping");
-        stopped = true;
+        StepMetrics m{step, loss, grad_norm, cfg.learning_rate * factor,
+                      epoch + static_cast<double>(batches_seen) / batches_per_epoch};
+        history.push_back(m);
+        int64_t samples = 0;  // this rank's; every rank takes equal batches
+        for (auto& b : micro_batches) samples += b.input_ids.size(0);
+        progress.update({step, max_steps, loss, m.learning_rate, m.grad_norm, samples * comm.world_size()});
+        logged_loss += loss;
+        state.global_step = step;
+        state.epoch = m.epoch;
+        if (cfg.logging_steps > 0 && step % cfg.logging_steps == 0) {
+          // HF Trainer's _maybe_log_save_evaluate: the mean over the steps since the last line (fewer than
+          // logging_steps after a resume from a checkpoint that did not carry the line in progress); grad_norm
+          // and learning_rate are this step's.
+          const double mean_loss = logged_loss / static_cast<double>(step - last_logged_step);
+          progress.log(log_line(mean_loss, m.grad_norm, m.learning_rate, m.epoch));
+          state.log_history.push_back({{"loss", mean_loss}, {"grad_norm", m.grad_norm},
+                                       {"learning_rate", m.learning_rate}, {"epoch", m.epoch}, {"step", step}});
+          logged_loss = 0;
+          last_logged_step = step;
+        }
+        watchdog.enter(Phase::save);
+        saver.check();  // a background save that failed ends the run here, on every rank
+        if (save_every && step % cfg.save_steps == 0) saver.save(state, signature(step), schedule.factor(step));
+        if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
+        if (cfg.save_on_interrupt && interrupt_requested(comm)) {
+          if (!(save_every && step % cfg.save_steps == 0)) saver.save(state, signature(step), schedule.factor(step));
+          saver.finish();
+          progress.log("interrupted by a signal: saved checkpoint-" + std::to_string(step) + ", stopping");
+          stopped = true;
+        }
       }
     }
+  } catch (const c10::Error& e) {
+    throw Error("training, rank " + std::to_string(comm.rank()) + ", " + watchdog.where() + ": " +
+                e.what_without_backtrace());
   }
 
   progress.finish();

@@ -66,15 +66,27 @@ void Watchdog::watch() {
   }
 }
 
+namespace {
+
+void format_where(char* out, size_t size, Phase phase, long long done, long long micro_batch) {
+  if (phase == Phase::save)  // saves follow a finished step
+    std::snprintf(out, size, "phase save (checkpoint-%lld)", done);
+  else
+    std::snprintf(out, size, "step %lld, micro-batch %lld, phase %s", done + 1, micro_batch, phase_name(phase));
+}
+
+}  // namespace
+
+std::string Watchdog::where() const {
+  char text[128];
+  format_where(text, sizeof text, static_cast<Phase>(phase_.load()), step_.load(), micro_batch_.load());
+  return text;
+}
+
 // One line on stderr, then _exit: no destructor or atexit handler may block on what is stuck.
 void Watchdog::report_and_exit() const {
-  const auto phase = static_cast<Phase>(phase_.load());
-  const long long done = step_.load(), micro_batch = micro_batch_.load();
   char where[128];
-  if (phase == Phase::save)  // saves follow a finished step
-    std::snprintf(where, sizeof where, "phase save (checkpoint-%lld)", done);
-  else
-    std::snprintf(where, sizeof where, "step %lld, micro-batch %lld, phase %s", done + 1, micro_batch, phase_name(phase));
+  format_where(where, sizeof where, static_cast<Phase>(phase_.load()), step_.load(), micro_batch_.load());
   char line[512];
   const int length = std::snprintf(line, sizeof line,
                                    "error: step_timeout: no step finished within %gs on rank %d: stuck in %s; "

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <thread>
 
 namespace llava::train {
@@ -31,6 +32,8 @@ class Watchdog {
   void enter(Phase phase);
   // A step finished: the clock starts again for the next one.
   void step_done(int64_t step);
+  // Where the loop is: "step N, micro-batch M, phase P" (or "phase save (checkpoint-N)"), for error lines.
+  std::string where() const;
 
  private:
   void watch();

@@ -96,3 +96,14 @@ TEST_CASE("watchdog: finished steps restart the clock; 0 is off", "[train][watch
   CHECK(WEXITSTATUS(after_steps.status) == kHangExitStatus);
   CHECK_THAT(after_steps.err, Catch::Contains("stuck in phase save (checkpoint-1)"));
 }
+
+TEST_CASE("the watchdog says where the loop is, also when step_timeout is off", "[train][watchdog]") {
+  Watchdog off(0, 0, 4);
+  CHECK(off.where() == "step 5, micro-batch 0, phase data");
+  off.enter(Phase::forward);
+  off.enter(Phase::backward);
+  CHECK(off.where() == "step 5, micro-batch 1, phase backward");
+  off.step_done(5);
+  off.enter(Phase::save);
+  CHECK(off.where() == "phase save (checkpoint-5)");
+}
