@@ -132,6 +132,17 @@ void write_trainer_state(const std::string& path, const TrainerState& s) {
       {"num_input_tokens_seen", 0},
       {"num_train_epochs", s.num_train_epochs},
       {"save_steps", s.save_steps},
+      // transformers >= 4.41 keeps its TrainerControl here and indexes it when it saves again: a state
+      // without it resumes, then fails at HF's next save (KeyError 'TrainerControl'). Written as HF does at a save.
+      {"stateful_callbacks",
+       {{"TrainerControl",
+         {{"args",
+           {{"should_epoch_stop", false},
+            {"should_evaluate", false},
+            {"should_log", false},
+            {"should_save", true},
+            {"should_training_stop", s.max_steps > 0 && s.global_step >= s.max_steps}}},
+          {"attributes", nlohmann::json::object()}}}}},
       {"total_flos", s.total_flos},
       {"train_batch_size", s.train_batch_size},
       {"trial_name", nullptr},

@@ -44,8 +44,9 @@ std::optional<std::string> latest_checkpoint(const std::string& output_dir);
 // always kept. Returns the removed folders.
 std::vector<std::string> rotate_checkpoints(const std::string& output_dir, int64_t limit);
 
-// trainer_state.json as TrainerState.save_to_json writes it (indent 2, sorted keys), with the fields every
-// transformers version from 4.37 (LLaVA's) to 5.x accepts.
+// trainer_state.json as TrainerState.save_to_json writes it (indent 2, sorted keys), with the fields of
+// transformers >= 4.41 (stateful_callbacks: HF Trainer 5 fails at its next save without it). transformers
+// 4.37 (LLaVA's pin) rejects that key, as it rejects the files every transformers since 4.41 writes.
 struct TrainerState {
   double epoch = 0;
   int64_t global_step = 0;

@@ -219,7 +219,8 @@ def test_hf_trainer_resumes_from_our_lora_checkpoint(world, ours_to_n_plus_1):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer = Trainer(model=model, args=training_args(out, N + 1, N, save=False),
+            # HF saves its own checkpoint-(N+1) (its last step) after resuming ours, elsewhere: ours is compared below.
+            trainer = Trainer(model=model, args=training_args(world["root"] / "hf_continued", N + 1, N),
                               train_dataset=our_rows(world, 1), data_collator=collate, callbacks=[begin])
             trainer.train(resume_from_checkpoint=str(ckpt))
     finally:
@@ -244,8 +245,10 @@ def test_hf_trainer_resumes_from_our_lora_checkpoint(world, ours_to_n_plus_1):
     for n, t in at_n.items():
         assert torch.equal(begin.weights[n], t), n
 
-    # Its step N + 1 is ours.
+    # Its step N + 1 is ours, and it saved it (its next save reads the state's stateful_callbacks).
     assert trainer.state.global_step == N + 1
+    saved_by_hf = world["root"] / "hf_continued" / f"checkpoint-{N + 1}"
+    assert json.loads((saved_by_hf / "trainer_state.json").read_text())["global_step"] == N + 1
     hf = next(e for e in trainer.state.log_history if e.get("step") == N + 1 and "loss" in e)
     mine = metrics["steps"][N]
     at_n1 = checkpoint_tensors(out / f"checkpoint-{N + 1}")
