@@ -15,16 +15,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlavaForConditionalGeneration, Trainer, TrainingArguments
 
-# LLaVA's find_all_linear_names: every Linear of the language model (lm_head and the towers excluded).
-LLM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-
-
-def collate(rows):
-    batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask")}
-    pixels = torch.cat([r["pixel_values"] for r in rows])
-    if pixels.shape[0]:
-        batch["pixel_values"] = pixels
-    return batch
+from train_fixtures import LLM_LINEARS, collate
 
 
 def main(spec_path):

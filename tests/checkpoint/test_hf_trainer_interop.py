@@ -32,15 +32,13 @@ from transformers.utils import logging as transformers_logging
 
 import tiny_llava
 from llava_oracle import assert_clear_error, binary, run
-from train_fixtures import make_train_world
+from train_fixtures import LLM_LINEARS, collate, make_train_world
 
 BATCH = 2
 SAMPLES = 10  # 5 micro-batches per epoch
 LORA = {"lora_enable": True, "lora_r": 4, "lora_alpha": 8}
 RECIPE = {"seed": 11, "logging_steps": 1, "per_device_train_batch_size": BATCH, "learning_rate": 5e-3,
           "lr_scheduler_type": "cosine", "warmup_steps": 1, "weight_decay": 0.1, "max_grad_norm": 1.0}
-# LLaVA's find_all_linear_names: every Linear of the language model (lm_head and the towers excluded).
-LLM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 STATE_WARNING = re.compile(r"missing|unexpected|not found|didn't find|could not|couldn't|not match|mismatch|"
                            r"ignor|reproducib|skipp|not loaded|fail", re.I)
 
@@ -85,15 +83,6 @@ def our_rows(world, epochs):
                 image += n
             assert image == b["pixel_values"].shape[0]
     return rows
-
-
-def collate(rows):
-    """Two consecutive rows = one of our micro-batches (already padded to the same length)."""
-    batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask")}
-    pixels = torch.cat([r["pixel_values"] for r in rows])
-    if pixels.shape[0]:
-        batch["pixel_values"] = pixels
-    return batch
 
 
 def training_args(output_dir, max_steps, save_steps, save=True):

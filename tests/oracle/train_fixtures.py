@@ -29,3 +29,18 @@ def make_train_world(root, samples, seed=3, layout="modern"):
     data.write_text(json.dumps(records))
     return model, {"model_name_or_path": str(model_dir), "data_path": str(data), "image_folder": str(images),
                    "version": "v1", "model_max_length": 128, "lora_dropout": 0.0}
+
+
+# LLaVA's find_all_linear_names: every Linear of the language model (lm_head and the towers excluded), as
+# PEFT's target_modules regex. Shared by the HF Trainer interop tests and their DeepSpeed runs.
+LLM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+
+
+def collate(rows):
+    """HF Trainer's data_collator for rows of our micro-batches (already padded to the same length)."""
+    import torch
+    batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask")}
+    pixels = torch.cat([r["pixel_values"] for r in rows])
+    if pixels.shape[0]:
+        batch["pixel_values"] = pixels
+    return batch
