@@ -286,3 +286,19 @@ def test_sigterm_to_one_node_stops_every_node_without_restart(tmp_path):
         assert "on node 1: llava-run was interrupted by Terminated (no restart)" in err and "restarting" not in err
     for r in range(4):
         assert (tmp_path / f"term{r}").read_text().strip() == "term"
+
+
+def test_a_follower_that_loses_node_0s_launcher_stops_its_workers_and_ends(tmp_path):
+    procs, _ = two_nodes(tmp_path, PATIENT_WORKER.format(d=tmp_path), "--max_restarts=5")
+    wait_for_files([tmp_path / f"pid{r}" for r in range(4)])
+    procs[0].kill()  # node 0's llava-run dies (its workers die with it: PR_SET_PDEATHSIG)
+    start = time.time()
+    out, err = procs[1].communicate(timeout=60)
+    procs[0].communicate(timeout=10)
+    print(f"\nnode 0's launcher killed; node 1: exit {procs[1].returncode} after {time.time() - start:.1f}s: {err.strip()}")
+    assert procs[1].returncode == 1, err
+    assert err.strip().endswith("llava-run: lost the connection to node 0's llava-run at the end of round 0 "
+                                "(no restart without it)"), err
+    assert "restarting" not in err and time.time() - start < 20
+    for r in (2, 3):  # node 1's own workers were stopped
+        assert (tmp_path / f"term{r}").read_text().strip() == "term"

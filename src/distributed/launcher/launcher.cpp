@@ -386,7 +386,9 @@ class Supervisor {
   int end_linked(const Decision& decision, int round) const {
     if (decision.exit_code == 0) return 0;
     std::string message = "llava-run: " + decision.text;
-    if (decision.exit_code > 128 && decision.text.find("interrupted") != std::string::npos)
+    if (decision.leader_lost)
+      message += " (no restart without it)";
+    else if (decision.exit_code > 128 && decision.text.find("interrupted") != std::string::npos)
       message += " (no restart)";
     else
       message += "; no restarts left (" + std::to_string(round) + " of --max_restarts " +

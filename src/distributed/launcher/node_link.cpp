@@ -351,7 +351,8 @@ Decision NodeLink::finish_round(int round, const RoundOutcome& local) {
     send(leader, "ended " + std::to_string(round) + " " + encode(local));
     auto line = next_line(leader, "decide", wait_s, "waiting for node 0's llava-run to end round " + std::to_string(round));
     if (!line) return decision_ = {false, local.kind == RoundOutcome::kOk ? 1 : local.exit_code,
-                                   "lost the connection to node 0's llava-run at the end of round " + std::to_string(round)};
+                                   "lost the connection to node 0's llava-run at the end of round " + std::to_string(round),
+                                   /*leader_lost=*/true};
     if (line->rfind("restart", 0) == 0) return decision_ = {true, 0, line->substr(std::min(line->size(), size_t{8}))};
     RoundOutcome end = decode(line->substr(line->find(' ') + 1));  // "end <kind> <code> <text>"
     return decision_ = {false, end.exit_code, end.text};

@@ -34,6 +34,7 @@ struct Decision {
   bool restart = false;
   int exit_code = 0;
   std::string text;  // why the run ended (empty on success)
+  bool leader_lost = false;  // a follower lost node 0's launcher: no restart could have been made
 };
 
 // Thrown from a blocking wait when SIGINT/SIGTERM reaches the launcher.
