@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <map>
 
+#include "checkpoint/torch_optimizer.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/pickle.h"
@@ -365,23 +366,10 @@ c10::IValue rank_states(const DeepSpeedSave& save, int64_t rank) {
       s.insert("exp_avg_sq", part(exp_avg_sq));
       state.insert(static_cast<int64_t>(g), s);
     }
-    auto pg = io::pickle::new_dict();  // torch 2.x AdamW's keys, in its order
-    pg.insert("weight_decay", group.weight_decay);
-    pg.insert("lr", group.lr);
-    pg.insert("betas", c10::ivalue::Tuple::create({save.beta1, save.beta2}));
-    pg.insert("eps", save.eps);
-    pg.insert("amsgrad", false);
-    pg.insert("maximize", false);
-    pg.insert("foreach", c10::IValue());
-    pg.insert("capturable", false);
-    pg.insert("differentiable", false);
-    pg.insert("fused", c10::IValue());
-    pg.insert("decoupled_weight_decay", true);
-    pg.insert("initial_lr", group.initial_lr);
     auto ids = io::pickle::new_list();
     ids.push_back(static_cast<int64_t>(g));
-    pg.insert("params", ids);
-    param_groups.push_back(pg);
+    param_groups.push_back(adamw_param_group(
+        {group.weight_decay, group.lr, save.beta1, save.beta2, save.eps, group.initial_lr}, ids));
   }
   auto base = io::pickle::new_dict();
   base.insert("state", state);

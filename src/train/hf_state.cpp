@@ -1,5 +1,6 @@
 #include "train/hf_state.h"
 
+#include "checkpoint/torch_optimizer.h"
 #include "io/error.h"
 #include "io/pickle.h"
 
@@ -38,22 +39,9 @@ c10::IValue adamw_state_dict(const AdamW& optimizer) {
       param_state.insert("exp_avg_sq", s.exp_avg_sq);
       state.insert(id, param_state);
     }
-    // Keys in the order torch 2.x writes them.
-    auto d = io::pickle::new_dict();
-    d.insert("weight_decay", group.weight_decay);
-    d.insert("lr", group.lr);
-    d.insert("betas", c10::ivalue::Tuple::create({optimizer.options().beta1, optimizer.options().beta2}));
-    d.insert("eps", optimizer.options().eps);
-    d.insert("amsgrad", false);
-    d.insert("maximize", false);
-    d.insert("foreach", c10::IValue());
-    d.insert("capturable", false);
-    d.insert("differentiable", false);
-    d.insert("fused", c10::IValue());
-    d.insert("decoupled_weight_decay", true);
-    d.insert("initial_lr", group.base_lr);
-    d.insert("params", ids);
-    groups.push_back(d);
+    const auto& o = optimizer.options();
+    groups.push_back(
+        checkpoint::adamw_param_group({group.weight_decay, group.lr, o.beta1, o.beta2, o.eps, group.base_lr}, ids));
   }
   auto root = io::pickle::new_dict();
   root.insert("state", state);
