@@ -208,11 +208,12 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   NamedTensors masters;
   // DeepSpeed's layout goes with optimizer.pt only; it needs the fp32 masters (bf16) under ZeRO too. The
   // same decision on every rank: master_weights() is collective under ZeRO.
-  const bool deepspeed_layout = write_consolidated_optimizer(cfg_, optimizer_) && writes_deepspeed_layout(cfg_, lora_);
+  const bool consolidate = write_consolidated_optimizer(cfg_, optimizer_);
+  const bool deepspeed_layout = consolidate && writes_deepspeed_layout(cfg_, lora_);
   if (async_ && !optimizer_.sharded()) {
     if (comm_.rank() == 0) whole = staged_whole_optimizer(masters);  // only rank 0 writes it
   } else {
-    if (write_consolidated_optimizer(cfg_, optimizer_)) whole = optimizer_.consolidated();  // fresh buffers
+    if (consolidate) whole = optimizer_.consolidated();  // fresh buffers
     if (!optimizer_.sharded() || deepspeed_layout) masters = optimizer_.master_weights();    // fresh copies
   }
   s->rng_states = gather_rng_states(comm_, cpu_rng_state());
