@@ -511,7 +511,9 @@ class Reader {
     for (size_t i = 0; i < items.size(); i += 2) {
       if (items[i].kind != Item::Value || items[i + 1].kind != Item::Value) bad("dict entry is not a value");
       const auto& key = items[i].value;
-      if (!key.isInt() && !key.isString() && !key.isBool() && !key.isDouble() && !key.isNone())
+      // What c10's Dict can hash (its DictKeyHash throws for anything else, e.g. None, inside the insert,
+      // which ends the process): anything else is refused here.
+      if (!key.isInt() && !key.isString() && !key.isBool() && !key.isDouble())
         bad("unsupported dict key type " + key.tagKind());
       grow(container, adopt(items[i + 1]));
       check_not_sealed(container);  // the dict went into itself
