@@ -11,14 +11,14 @@
 #include "io/yaml_config.h"
 #include "model/config.h"
 #include "train/config.h"
+#include "io/test_helpers.h"
 
 using namespace llava;
 
 namespace {
 
 std::string write_config(const std::string& name, const std::string& body) {
-  auto dir = std::filesystem::temp_directory_path() / ("llava-config-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  static const std::filesystem::path dir = test::temp_dir("config");
   auto path = (dir / name).string();
   std::ofstream(path) << body;
   return path;
