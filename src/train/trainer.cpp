@@ -179,11 +179,14 @@ void load_peft_adapters(model::LlavaForConditionalGeneration& model, const std::
 volatile std::sig_atomic_t g_interrupt_signal = 0;
 extern "C" void note_interrupt(int signal_number) { g_interrupt_signal = signal_number; }
 
-// True on every rank once any rank got the signal (one tiny all-reduce per step).
+// True on every rank once any rank got the signal (one tiny all-reduce per step). The signal is then
+// recorded on every rank, so each exits 128 + its number: the run stopped before its end.
 bool interrupt_requested(dist::Communicator& comm) {
-  auto flag = torch::full({1}, g_interrupt_signal != 0 ? 1.0f : 0.0f);
-  allreduce_sum(comm, flag);
-  return flag.item<float>() > 0;
+  auto signal_numbers = torch::full({1}, static_cast<float>(g_interrupt_signal));
+  allreduce_sum(comm, signal_numbers);
+  if (signal_numbers.item<float>() == 0) return false;
+  if (g_interrupt_signal == 0) g_interrupt_signal = SIGTERM;  // a peer's signal (several may differ)
+  return true;
 }
 
 // What the run is, for the resume check (see resume_state.h).
@@ -636,6 +639,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   }
   return history;
 }
+
+int stopped_by_signal() { return g_interrupt_signal; }
 
 data::ImageTokens image_tokens_for(const model::LlavaConfig& c) {
   return {c.image_token_index, c.image_seq_length()};

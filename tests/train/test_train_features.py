@@ -248,8 +248,9 @@ def test_sigterm_with_save_on_interrupt_saves_then_resumes_exactly(world, ranks)
         proc = subprocess.Popen(command(world, name, s, ranks, metrics=False), stdout=out, stderr=subprocess.STDOUT)
         wait_for(proc, log, "'loss'")
         proc.send_signal(signal.SIGTERM)  # llava-run forwards it to every worker
-        # One process exits 0 once saved; llava-run, like torchrun, reports the signal (128 + SIGTERM).
-        assert proc.wait(timeout=120) == (0 if ranks == 1 else 128 + signal.SIGTERM), log.read_text()
+        # Saved, then stopped before the end: the process (or llava-run, like torchrun) exits 128 + SIGTERM,
+        # so nothing takes the unfinished run for done.
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()
     text = log.read_text()
     assert "interrupted by a signal: saved checkpoint-" in text
     saved = int(text.split("saved checkpoint-")[1].split(",")[0])
