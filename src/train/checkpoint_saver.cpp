@@ -9,6 +9,7 @@
 #include <torch/cuda.h>
 
 #include "checkpoint/deepspeed_checkpoint.h"
+#include "checkpoint/hf_rng_state.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"
@@ -127,6 +128,8 @@ struct CheckpointSaver::Staged {
   checkpoint::TrainerState state;
   RunSignature signature;
   std::vector<torch::Tensor> rng_states, cuda_rng_states;
+  std::vector<int64_t> cuda_devices;  // each rank's CUDA device index (with cuda_rng_states)
+  uint64_t seed = 0;                  // HF's rng_state files: the Python and NumPy generators as seeded
   NamedTensors masters;
   std::optional<checkpoint::DeepSpeedSave> deepspeed;  // with `deepspeed:` in a LoRA run's config
   std::unique_ptr<checkpoint::PendingCheckpoint> pending;
@@ -155,6 +158,7 @@ struct CheckpointSaver::Staged {
     checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
     write_run_signature(dir, signature);
     write_rng_states(dir, rng_states, cuda_rng_states);
+    checkpoint::write_hf_rng_states(dir, seed, rng_states, cuda_rng_states, cuda_devices);  // HF Trainer loads them
     if (!sharded) write_master_weights(dir, masters);  // ZeRO shards carry them
   }
 
@@ -218,7 +222,11 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   }
   s->rng_states = gather_rng_states(comm_, cpu_rng_state());
   const torch::Device device = loaded_.model->parameters().front().device();
-  if (device.is_cuda()) s->cuda_rng_states = gather_rng_states(comm_, cuda_rng_state(device));
+  if (device.is_cuda()) {
+    s->cuda_rng_states = gather_rng_states(comm_, cuda_rng_state(device));
+    for (auto& index : gather_rng_states(comm_, torch::tensor({static_cast<int64_t>(device.index())})))
+      s->cuda_devices.push_back(index.item<int64_t>());
+  }
   if (s->sharded) {
     s->zero_shard = optimizer_.local_ranges();  // views of the live state
     for (auto& r : s->zero_shard) {
@@ -239,6 +247,7 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   s->base_model = cfg_.model_name_or_path;
   s->max_shard_size = cfg_.max_shard_size;
   s->save_total_limit = cfg_.save_total_limit;
+  s->seed = static_cast<uint64_t>(cfg_.data.seed);
   auto& model = loaded_.model;
   if (!lora_.empty()) {
     s->weights = Staged::Weights::kLora;
