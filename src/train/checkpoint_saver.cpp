@@ -61,12 +61,10 @@ void write_on_ranks(dist::Communicator& comm, const std::string& what, bool on_e
 // Whether optimizer.pt (the whole state, gathered on every rank) is written: always without sharding;
 // under ZeRO only while the state is at most consolidate_optimizer_max_size, as gathering it costs
 // every rank the whole state's memory.
-// With `deepspeed:` in the config (as LLaVA's scripts pass it) a LoRA run's checkpoints also carry
-// DeepSpeed's layout: the run was meant for DeepSpeed, and HF Trainer under DeepSpeed resumes nothing else
-// (it looks for global_step*/). Written with the consolidated optimizer only.
-bool writes_deepspeed_layout(const TrainConfig& cfg, const std::vector<LoraModule>& lora) {
-  return !cfg.deepspeed.empty() && !lora.empty();
-}
+// With `deepspeed:` in the config (as LLaVA's scripts pass it) the checkpoints also carry DeepSpeed's
+// layout (LoRA, stage 1 and full fine-tunes): the run was meant for DeepSpeed, and HF Trainer under
+// DeepSpeed resumes nothing else (it looks for global_step*/). Written with the consolidated optimizer only.
+bool writes_deepspeed_layout(const TrainConfig& cfg) { return !cfg.deepspeed.empty(); }
 
 bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& optimizer) {
   if (!optimizer.sharded()) return true;
@@ -213,7 +211,7 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   // DeepSpeed's layout goes with optimizer.pt only; it needs the fp32 masters (bf16) under ZeRO too. The
   // same decision on every rank: master_weights() is collective under ZeRO.
   const bool consolidate = write_consolidated_optimizer(cfg_, optimizer_);
-  const bool deepspeed_layout = consolidate && writes_deepspeed_layout(cfg_, lora_);
+  const bool deepspeed_layout = consolidate && writes_deepspeed_layout(cfg_);
   if (async_ && !optimizer_.sharded()) {
     if (comm_.rank() == 0) whole = staged_whole_optimizer(masters);  // only rank 0 writes it
   } else {
@@ -288,8 +286,8 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   }
   for (auto& [name, t] : masters) s->masters.emplace_back(name, host("master/" + name, t));
   if (whole && deepspeed_layout)
-    s->deepspeed = deepspeed_save_of(*whole, s->masters, cfg_, state.global_step, signature.samples_per_step,
-                                     comm_.world_size(), s->scheduler_pt);
+    s->deepspeed = deepspeed_save_of(*whole, s->masters, deepspeed_module_state(*s), cfg_, state.global_step,
+                                     signature.samples_per_step, comm_.world_size(), s->scheduler_pt);
   s->state = state;
   s->signature = signature;
   staging_.wait();
@@ -321,6 +319,26 @@ AdamW CheckpointSaver::staged_whole_optimizer(NamedTensors& masters) {
     s.step = r.step;
   }
   return whole;
+}
+
+// DeepSpeed's `module` of a run without LoRA: every parameter, as HF Trainer has DeepSpeed load a non-PEFT
+// model's `module` strictly: the staged trained ones (every parameter of a full fine-tune, the projector of
+// stage 1), the frozen rest only on the host (never changed); a tied lm_head under its own name too, as
+// the HF model's state_dict() lists it. Empty for LoRA runs, whose `module` is their trained tensors.
+NamedTensors CheckpointSaver::deepspeed_module_state(const Staged& s) {
+  NamedTensors module;
+  if (!lora_.empty()) return module;
+  auto copy = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.snapshot(key, t) : t.detach(); };
+  auto host = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.host(key, t) : t.detach(); };
+  const std::map<std::string, torch::Tensor> staged(s.trained.begin(), s.trained.end());
+  for (auto& p : loaded_.model->named_parameters()) {
+    auto it = staged.find(p.key());
+    if (it != staged.end()) module.emplace_back(p.key(), it->second);
+    else module.emplace_back(p.key(), p.value().requires_grad() ? copy(p.key(), p.value()) : host(p.key(), p.value()));
+  }
+  if (loaded_.model->lm_head.is_empty())
+    module.emplace_back("lm_head.weight", host("lm_head.weight", loaded_.model->lm_head_weight()));
+  return module;
 }
 
 void CheckpointSaver::write_synchronously(const std::shared_ptr<Staged>& s) {
