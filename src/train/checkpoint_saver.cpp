@@ -129,7 +129,7 @@ struct CheckpointSaver::Staged {
   std::vector<int64_t> cuda_devices;  // each rank's CUDA device index (with cuda_rng_states)
   uint64_t seed = 0;                  // HF's rng_state files: the Python and NumPy generators as seeded
   NamedTensors masters;
-  std::optional<checkpoint::DeepSpeedSave> deepspeed;  // with `deepspeed:` in a LoRA run's config
+  std::optional<checkpoint::DeepSpeedSave> deepspeed;  // with `deepspeed:` in the config
   std::unique_ptr<checkpoint::PendingCheckpoint> pending;
   std::atomic<double> write_seconds{-1};
 
