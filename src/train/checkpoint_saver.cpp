@@ -9,6 +9,7 @@
 #include <torch/cuda.h>
 
 #include "checkpoint/deepspeed_checkpoint.h"
+#include "checkpoint/hf_rng_state.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"
@@ -60,12 +61,10 @@ void write_on_ranks(dist::Communicator& comm, const std::string& what, bool on_e
 // Whether optimizer.pt (the whole state, gathered on every rank) is written: always without sharding;
 // under ZeRO only while the state is at most consolidate_optimizer_max_size, as gathering it costs
 // every rank the whole state's memory.
-// With `deepspeed:` in the config (as LLaVA's scripts pass it) a LoRA run's checkpoints also carry
-// DeepSpeed's layout: the run was meant for DeepSpeed, and HF Trainer under DeepSpeed resumes nothing else
-// (it looks for global_step*/). Written with the consolidated optimizer only.
-bool writes_deepspeed_layout(const TrainConfig& cfg, const std::vector<LoraModule>& lora) {
-  return !cfg.deepspeed.empty() && !lora.empty();
-}
+// With `deepspeed:` in the config (as LLaVA's scripts pass it) the checkpoints also carry DeepSpeed's
+// layout (LoRA, stage 1 and full fine-tunes): the run was meant for DeepSpeed, and HF Trainer under
+// DeepSpeed resumes nothing else (it looks for global_step*/). Written with the consolidated optimizer only.
+bool writes_deepspeed_layout(const TrainConfig& cfg) { return !cfg.deepspeed.empty(); }
 
 bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& optimizer) {
   if (!optimizer.sharded()) return true;
@@ -127,8 +126,10 @@ struct CheckpointSaver::Staged {
   checkpoint::TrainerState state;
   RunSignature signature;
   std::vector<torch::Tensor> rng_states, cuda_rng_states;
+  std::vector<int64_t> cuda_devices;  // each rank's CUDA device index (with cuda_rng_states)
+  uint64_t seed = 0;                  // HF's rng_state files: the Python and NumPy generators as seeded
   NamedTensors masters;
-  std::optional<checkpoint::DeepSpeedSave> deepspeed;  // with `deepspeed:` in a LoRA run's config
+  std::optional<checkpoint::DeepSpeedSave> deepspeed;  // with `deepspeed:` in the config
   std::unique_ptr<checkpoint::PendingCheckpoint> pending;
   std::atomic<double> write_seconds{-1};
 
@@ -155,6 +156,7 @@ struct CheckpointSaver::Staged {
     checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
     write_run_signature(dir, signature);
     write_rng_states(dir, rng_states, cuda_rng_states);
+    checkpoint::write_hf_rng_states(dir, seed, rng_states, cuda_rng_states, cuda_devices);  // HF Trainer loads them
     if (!sharded) write_master_weights(dir, masters);  // ZeRO shards carry them
   }
 
@@ -209,7 +211,7 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   // DeepSpeed's layout goes with optimizer.pt only; it needs the fp32 masters (bf16) under ZeRO too. The
   // same decision on every rank: master_weights() is collective under ZeRO.
   const bool consolidate = write_consolidated_optimizer(cfg_, optimizer_);
-  const bool deepspeed_layout = consolidate && writes_deepspeed_layout(cfg_, lora_);
+  const bool deepspeed_layout = consolidate && writes_deepspeed_layout(cfg_);
   if (async_ && !optimizer_.sharded()) {
     if (comm_.rank() == 0) whole = staged_whole_optimizer(masters);  // only rank 0 writes it
   } else {
@@ -218,7 +220,11 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   }
   s->rng_states = gather_rng_states(comm_, cpu_rng_state());
   const torch::Device device = loaded_.model->parameters().front().device();
-  if (device.is_cuda()) s->cuda_rng_states = gather_rng_states(comm_, cuda_rng_state(device));
+  if (device.is_cuda()) {
+    s->cuda_rng_states = gather_rng_states(comm_, cuda_rng_state(device));
+    for (auto& index : gather_rng_states(comm_, torch::tensor({static_cast<int64_t>(device.index())})))
+      s->cuda_devices.push_back(index.item<int64_t>());
+  }
   if (s->sharded) {
     s->zero_shard = optimizer_.local_ranges();  // views of the live state
     for (auto& r : s->zero_shard) {
@@ -239,6 +245,7 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   s->base_model = cfg_.model_name_or_path;
   s->max_shard_size = cfg_.max_shard_size;
   s->save_total_limit = cfg_.save_total_limit;
+  s->seed = static_cast<uint64_t>(cfg_.data.seed);
   auto& model = loaded_.model;
   if (!lora_.empty()) {
     s->weights = Staged::Weights::kLora;
@@ -279,8 +286,8 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   }
   for (auto& [name, t] : masters) s->masters.emplace_back(name, host("master/" + name, t));
   if (whole && deepspeed_layout)
-    s->deepspeed = deepspeed_save_of(*whole, s->masters, cfg_, state.global_step, signature.samples_per_step,
-                                     comm_.world_size(), s->scheduler_pt);
+    s->deepspeed = deepspeed_save_of(*whole, s->masters, deepspeed_module_state(*s), cfg_, state.global_step,
+                                     signature.samples_per_step, comm_.world_size(), s->scheduler_pt);
   s->state = state;
   s->signature = signature;
   staging_.wait();
@@ -312,6 +319,26 @@ AdamW CheckpointSaver::staged_whole_optimizer(NamedTensors& masters) {
     s.step = r.step;
   }
   return whole;
+}
+
+// DeepSpeed's `module` of a run without LoRA: every parameter, as HF Trainer has DeepSpeed load a non-PEFT
+// model's `module` strictly: the staged trained ones (every parameter of a full fine-tune, the projector of
+// stage 1), the frozen rest only on the host (never changed); a tied lm_head under its own name too, as
+// the HF model's state_dict() lists it. Empty for LoRA runs, whose `module` is their trained tensors.
+NamedTensors CheckpointSaver::deepspeed_module_state(const Staged& s) {
+  NamedTensors module;
+  if (!lora_.empty()) return module;
+  auto copy = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.snapshot(key, t) : t.detach(); };
+  auto host = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.host(key, t) : t.detach(); };
+  const std::map<std::string, torch::Tensor> staged(s.trained.begin(), s.trained.end());
+  for (auto& p : loaded_.model->named_parameters()) {
+    auto it = staged.find(p.key());
+    if (it != staged.end()) module.emplace_back(p.key(), it->second);
+    else module.emplace_back(p.key(), p.value().requires_grad() ? copy(p.key(), p.value()) : host(p.key(), p.value()));
+  }
+  if (loaded_.model->lm_head.is_empty())
+    module.emplace_back("lm_head.weight", host("lm_head.weight", loaded_.model->lm_head_weight()));
+  return module;
 }
 
 void CheckpointSaver::write_synchronously(const std::shared_ptr<Staged>& s) {

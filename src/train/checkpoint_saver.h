@@ -83,6 +83,7 @@ class CheckpointSaver {
   std::shared_ptr<Staged> stage(const checkpoint::TrainerState& state, const RunSignature& signature,
                                 double next_lr_factor);
   AdamW staged_whole_optimizer(std::vector<std::pair<std::string, torch::Tensor>>& masters);
+  std::vector<std::pair<std::string, torch::Tensor>> deepspeed_module_state(const Staged& staged);
   void write_synchronously(const std::shared_ptr<Staged>& staged);
   void start_background_write(const std::shared_ptr<Staged>& staged);
 

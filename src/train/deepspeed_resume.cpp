@@ -94,10 +94,23 @@ void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForC
   optimizer.load_master_weights(masters);
 }
 
-checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole,
-                                            const std::vector<std::pair<std::string, torch::Tensor>>& masters,
-                                            const TrainConfig& cfg, int64_t global_step,
-                                            int64_t samples_per_step, int world_size, const c10::IValue& lr_scheduler) {
+namespace {
+
+// Our parameter name -> the name HF Trainer's model gives it (see deepspeed_save_of).
+std::string hf_model_name(const std::string& name, bool peft) {
+  if (!peft) return model::checkpoint_name(name, {model::KeyLayout::kHfModern, /*vision_model_level=*/false, ""});
+  std::string peft_name = "base_model.model." + name;
+  for (const std::string lora : {".lora_A.weight", ".lora_B.weight"})
+    if (ends_with(peft_name, lora)) peft_name = peft_name.substr(0, peft_name.size() - 7) + ".default.weight";
+  return peft_name;
+}
+
+}  // namespace
+
+checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const NamedTensorList& masters,
+                                            const NamedTensorList& model_state, const TrainConfig& cfg,
+                                            int64_t global_step, int64_t samples_per_step, int world_size,
+                                            const c10::IValue& lr_scheduler) {
   checkpoint::DeepSpeedSave save;
   save.global_step = global_step;
   save.global_samples = global_step * samples_per_step;
@@ -118,15 +131,15 @@ checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole,
     for (size_t i = 0; i < group.params.size(); ++i) {
       const AdamState& s = whole.state()[g][i];
       step = std::max(step, s.step);
-      std::string name = "base_model.model." + group.names[i];
-      for (const std::string lora : {".lora_A.weight", ".lora_B.weight"})
-        if (ends_with(name, lora)) name = name.substr(0, name.size() - 7) + ".default.weight";
+      const std::string name = hf_model_name(group.names[i], cfg.lora_enable);
       auto master = master_of.count(group.names[i]) ? master_of.at(group.names[i]).view(group.params[i].sizes())
                                                      : group.params[i].detach();
       save.params.push_back({name, g, master, s.exp_avg, s.exp_avg_sq});
     }
     save.groups.push_back({group.lr, group.base_lr, group.weight_decay, step});
   }
+  if (!cfg.lora_enable)
+    for (auto& [name, tensor] : model_state) save.module.emplace_back(hf_model_name(name, false), tensor);
   return save;
 }
 

@@ -19,12 +19,16 @@ void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForC
                              ShardedAdamW& optimizer);
 
 // The DeepSpeed layout of this run's checkpoint (write_deepspeed_checkpoint) from the whole optimizer
-// (ShardedAdamW::consolidated(), lrs already the next step's) of a PEFT LoRA run: names as PEFT's wrapped
-// model names them (base_model.model.<name>, lora_A.default.weight). `masters`: bf16 runs' fp32 master
-// weights by name (ShardedAdamW::master_weights()); empty in fp32 runs, whose parameters are the masters.
-checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole,
-                                            const std::vector<std::pair<std::string, torch::Tensor>>& masters,
-                                            const TrainConfig& cfg, int64_t global_step,
-                                            int64_t samples_per_step, int world_size, const c10::IValue& lr_scheduler);
+// (ShardedAdamW::consolidated(), lrs already the next step's). Names as the HF model HF Trainer wraps
+// names them: a LoRA run's PEFT model (base_model.model.<name>, lora_A.default.weight; `module` the trained
+// tensors), otherwise transformers 5's LlavaForConditionalGeneration (our names, the CLIP tower's without
+// ".vision_model."), whose `module` is `model_state` (every parameter, frozen ones too, by our names:
+// DeepSpeed loads it strictly). `masters`: bf16 runs' fp32 master weights by name
+// (ShardedAdamW::master_weights()); empty in fp32 runs, whose parameters are the masters.
+using NamedTensorList = std::vector<std::pair<std::string, torch::Tensor>>;
+checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const NamedTensorList& masters,
+                                            const NamedTensorList& model_state, const TrainConfig& cfg,
+                                            int64_t global_step, int64_t samples_per_step, int world_size,
+                                            const c10::IValue& lr_scheduler);
 
 }  // namespace llava::train

@@ -204,15 +204,19 @@ RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>&
   return s;
 }
 
-// This rank's generators: the CPU one (LoRA dropout draws from it): ours, else HF Trainer's
-// rng_state[_R].pth; on a CUDA device also its generator (a CPU run's checkpoint has none: it stays as seeded).
+// This rank's generators: the CPU one (LoRA dropout draws from it) and, on a CUDA device, its generator:
+// ours (llava_rng_state.safetensors), else HF Trainer's rng_state[_R].pth (a CPU run's checkpoint has no
+// CUDA state: the CUDA generator then stays as seeded).
 void restore_rng_state(const std::string& dir, int rank, const torch::Device& device) {
-  if (auto rng = read_rng_state(dir, rank))
-    set_cpu_rng_state(*rng);
-  else if (auto hf = checkpoint::read_hf_cpu_rng_state(dir, rank))
-    set_cpu_rng_state(*hf);
-  if (device.is_cuda())
-    if (auto rng = read_cuda_rng_state(dir, rank)) set_cuda_rng_state(device, *rng);
+  auto cpu = read_rng_state(dir, rank);
+  auto cuda = device.is_cuda() ? read_cuda_rng_state(dir, rank) : std::nullopt;
+  if (!cpu || (device.is_cuda() && !cuda))
+    if (auto hf = checkpoint::read_hf_rng_state(dir, rank, device.is_cuda() ? device.index() : -1)) {
+      if (!cpu) cpu = hf->cpu;
+      if (!cuda) cuda = hf->cuda;
+    }
+  if (cpu) set_cpu_rng_state(*cpu);
+  if (cuda) set_cuda_rng_state(device, *cuda);
 }
 
 // resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
