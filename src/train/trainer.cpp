@@ -285,8 +285,9 @@ torch::Tensor micro_batch_loss(model::LlavaForConditionalGeneration& model, cons
   const int64_t n = scored_tokens(batch.labels);
   if (n == 0) return loss;  // 0 that keeps the graph; contributes nothing
   // n / tokens in fp64, then the fp32 multiply: bitwise what `loss * (double(n) / tokens)` on the host gives.
+  // Where the count is (the communicator's device); a 0-d CPU tensor (Gloo) multiplies a CUDA loss as a scalar.
   auto share = torch::full({}, static_cast<double>(n), window_tokens.options()) / window_tokens.clamp_min(1);
-  return loss * share.to(loss.device(), torch::kFloat32);
+  return loss * share.to(torch::kFloat32);
 }
 
 // The HF log line: {'loss': ..., 'grad_norm': ..., 'learning_rate': ..., 'epoch': ...}
@@ -629,24 +630,26 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         for (auto& b : micro_batches) samples += b.input_ids.size(0);
         state.global_step = step;
         state.epoch = m.epoch;
-        if (cfg.logging_steps > 0 && step % cfg.logging_steps == 0) {
+        const bool log_now = cfg.logging_steps > 0 && step % cfg.logging_steps == 0;
+        if (log_now || values.pending_full()) read_back_values(step);
+        double mean_loss = 0;
+        if (log_now) {
           // HF Trainer's _maybe_log_save_evaluate: the mean over the steps since the last line (fewer than
           // logging_steps after a resume from a checkpoint that did not carry the line in progress); grad_norm
           // and learning_rate are this step's.
-          read_back_values(step);
-          const double mean_loss = logged_loss / static_cast<double>(step - last_logged_step);
+          mean_loss = logged_loss / static_cast<double>(step - last_logged_step);
           shown_loss = mean_loss;
           shown_grad_norm = history.back().grad_norm;
+        }
+        progress.update({step, max_steps, shown_loss, m.learning_rate, shown_grad_norm, samples * comm.world_size()});
+        if (log_now) {
           progress.log(log_line(mean_loss, *shown_grad_norm, m.learning_rate, m.epoch));
           state.log_history.push_back({{"loss", mean_loss}, {"grad_norm", *shown_grad_norm},
                                        {"learning_rate", m.learning_rate}, {"epoch", m.epoch}, {"step", step}});
           values.start_log_line();
           logged_loss = 0;
           last_logged_step = step;
-        } else if (values.pending_full()) {
-          read_back_values(step);
         }
-        progress.update({step, max_steps, shown_loss, m.learning_rate, shown_grad_norm, samples * comm.world_size()});
         watchdog.enter(Phase::save);
         saver.check();  // a background save that failed ends the run here, on every rank
         if (save_every && step % cfg.save_steps == 0) {
