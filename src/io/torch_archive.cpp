@@ -15,6 +15,11 @@
 namespace llava::io {
 namespace {
 
+// A zip structure that does not hold together, in the words every unreadable archive gets.
+[[noreturn]] void bad_archive(const std::string& path, const std::string& what) {
+  fail(path, "not a readable torch.save archive: " + what);
+}
+
 // Little-endian fields of the zip structures (APPNOTE.TXT sections 4.3.12-4.3.16).
 uint64_t le(const unsigned char* p, int bytes) {
   uint64_t v = 0;
@@ -25,7 +30,7 @@ uint64_t le(const unsigned char* p, int bytes) {
 std::string read_at(std::ifstream& in, const std::string& path, uint64_t offset, uint64_t size) {
   std::string bytes(size, '\0');
   in.seekg(static_cast<std::streamoff>(offset));
-  if (!in.read(bytes.data(), static_cast<std::streamsize>(size))) fail(path, "zip structure runs past the end of the file");
+  if (!in.read(bytes.data(), static_cast<std::streamsize>(size))) bad_archive(path, "zip structure runs past the end of the file");
   return bytes;
 }
 
@@ -47,18 +52,18 @@ CentralDirectory locate_central_directory(std::ifstream& in, const std::string& 
     const bool zip64 = cd.offset == 0xffffffffu || cd.size == 0xffffffffu || cd.entries == 0xffff;
     if (!zip64) return cd;
     const uint64_t eocd = file_size - window + static_cast<uint64_t>(i);
-    if (eocd < 20) fail(path, "zip64 end record is missing its locator");
+    if (eocd < 20) bad_archive(path, "zip64 end record is missing its locator");
     const std::string locator = read_at(in, path, eocd - 20, 20);
     const auto* l = reinterpret_cast<const unsigned char*>(locator.data());
-    if (le(l, 4) != 0x07064b50) fail(path, "zip64 end record is missing its locator");
+    if (le(l, 4) != 0x07064b50) bad_archive(path, "zip64 end record is missing its locator");
     const uint64_t record_at = le(l + 8, 8);
-    if (record_at > file_size || file_size - record_at < 56) fail(path, "zip64 end record lies outside the file");
+    if (record_at > file_size || file_size - record_at < 56) bad_archive(path, "zip64 end record lies outside the file");
     const std::string record = read_at(in, path, record_at, 56);
     const auto* r = reinterpret_cast<const unsigned char*>(record.data());
-    if (le(r, 4) != 0x06064b50) fail(path, "zip64 end record has a bad signature");
+    if (le(r, 4) != 0x06064b50) bad_archive(path, "zip64 end record has a bad signature");
     return {le(r + 48, 8), le(r + 40, 8), le(r + 32, 8)};
   }
-  fail(path, "not a zip archive: no end-of-central-directory record");
+  bad_archive(path, "not a zip archive: no end-of-central-directory record");
 }
 
 // The size a zip64 extra field gives for a saturated 32-bit field (they appear in a fixed order, each
@@ -87,23 +92,23 @@ void apply_zip64_extra(const unsigned char* extra, uint64_t extra_len, uint64_t&
 void check_record_sizes(const std::string& path, uint64_t file_size) {
   std::ifstream in(path, std::ios::binary);
   const CentralDirectory cd = locate_central_directory(in, path, file_size);
-  if (cd.offset > file_size || cd.size > file_size - cd.offset) fail(path, "zip central directory lies outside the file");
+  if (cd.offset > file_size || cd.size > file_size - cd.offset) bad_archive(path, "zip central directory lies outside the file");
   if (cd.size > kMaxCentralDirectory)
-    fail(path, "zip central directory of " + std::to_string(cd.size) + " bytes, expected at most " +
+    bad_archive(path, "zip central directory of " + std::to_string(cd.size) + " bytes, expected at most " +
                    std::to_string(kMaxCentralDirectory));
   const std::string dir = read_at(in, path, cd.offset, cd.size);
   const auto* d = reinterpret_cast<const unsigned char*>(dir.data());
   uint64_t at = 0;
   for (uint64_t entry = 0; entry < cd.entries; ++entry) {
-    if (cd.size - at < 46 || le(d + at, 4) != 0x02014b50) fail(path, "zip central directory entry " + std::to_string(entry) + " is malformed");
+    if (cd.size - at < 46 || le(d + at, 4) != 0x02014b50) bad_archive(path, "zip central directory entry " + std::to_string(entry) + " is malformed");
     const uint64_t name_len = le(d + at + 28, 2), extra_len = le(d + at + 30, 2), comment_len = le(d + at + 32, 2);
     if (cd.size - at - 46 < name_len + extra_len + comment_len)
-      fail(path, "zip central directory entry " + std::to_string(entry) + " runs past the directory");
+      bad_archive(path, "zip central directory entry " + std::to_string(entry) + " runs past the directory");
     uint64_t compressed = le(d + at + 20, 4), uncompressed = le(d + at + 24, 4);
     apply_zip64_extra(d + at + 46 + name_len, extra_len, uncompressed, compressed);
     const std::string name(dir, at + 46, name_len);
     if (uncompressed > file_size || compressed > file_size)
-      fail(path, "record '" + name + "' declares " + std::to_string(std::max(uncompressed, compressed)) +
+      bad_archive(path, "record '" + name + "' declares " + std::to_string(std::max(uncompressed, compressed)) +
                      " bytes, more than the whole file (" + std::to_string(file_size) + " bytes)");
     at += 46 + name_len + extra_len + comment_len;
   }

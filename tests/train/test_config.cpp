@@ -245,7 +245,7 @@ TEST_CASE("every wrong value names the key, the value and what the key takes") {
       {"lr_scheduler_kwargs: 5", "key 'lr_scheduler_kwargs': expected a map of lr_scheduler_kwargs.* settings, got '5'"},
       // what a library would have said in its own words
       {"lora_target_regex: '.*(q_proj'", "key 'lora_target_regex': expected a regular expression in RE2 syntax"},
-      {"lora_target_regex: '(?=q)q_proj'", "without backreferences or lookaround: invalid perl operator: (?="},
+      {"lora_target_regex: '(?=q)q_proj'", "without backreferences or lookaround): invalid perl operator: (?="},
       {"lora_target_regex: '[a-'", "got '[a-'"},
       {"lora_dropout: 1.0", "key 'lora_dropout': expected a number in [0, 1), got '1.0'"},
       {"lora_dropout: -0.1", "key 'lora_dropout': expected a number in [0, 1), got '-0.1'"},
