@@ -189,11 +189,20 @@ CheckpointSaver::CheckpointSaver(const TrainConfig& cfg, model::LoadedModel& loa
 
 CheckpointSaver::~CheckpointSaver() = default;  // the writer cancels waits and joins
 
+// Synchronous saves write the live tensors before the step goes on: no copies. Async ones stage for the
+// background write a snapshot (tensors the next steps change) or the tensor on the host (frozen ones:
+// copied there only when they live on the device).
+torch::Tensor CheckpointSaver::staged_copy(const std::string& key, const torch::Tensor& t) {
+  return async_ ? staging_.snapshot(key, t) : t.detach();
+}
+torch::Tensor CheckpointSaver::staged_on_host(const std::string& key, const torch::Tensor& t) {
+  return async_ ? staging_.host(key, t) : t.detach();
+}
+
 std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint::TrainerState& state,
                                                                 const RunSignature& signature, double next_lr_factor) {
-  // Synchronous saves write the live tensors before the step goes on: no copies.
-  auto copy = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.snapshot(key, t) : t.detach(); };
-  auto host = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.host(key, t) : t.detach(); };
+  auto copy = [&](const std::string& key, const torch::Tensor& t) { return staged_copy(key, t); };
+  auto host = [&](const std::string& key, const torch::Tensor& t) { return staged_on_host(key, t); };
 
   staging_.reset();
   auto s = std::make_shared<Staged>();
@@ -328,16 +337,16 @@ AdamW CheckpointSaver::staged_whole_optimizer(NamedTensors& masters) {
 NamedTensors CheckpointSaver::deepspeed_module_state(const Staged& s) {
   NamedTensors module;
   if (!lora_.empty()) return module;
-  auto copy = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.snapshot(key, t) : t.detach(); };
-  auto host = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.host(key, t) : t.detach(); };
   const std::map<std::string, torch::Tensor> staged(s.trained.begin(), s.trained.end());
   for (auto& p : loaded_.model->named_parameters()) {
     auto it = staged.find(p.key());
     if (it != staged.end()) module.emplace_back(p.key(), it->second);
-    else module.emplace_back(p.key(), p.value().requires_grad() ? copy(p.key(), p.value()) : host(p.key(), p.value()));
+    else
+      module.emplace_back(p.key(), p.value().requires_grad() ? staged_copy(p.key(), p.value())
+                                                             : staged_on_host(p.key(), p.value()));
   }
   if (loaded_.model->lm_head.is_empty())
-    module.emplace_back("lm_head.weight", host("lm_head.weight", loaded_.model->lm_head_weight()));
+    module.emplace_back("lm_head.weight", staged_on_host("lm_head.weight", loaded_.model->lm_head_weight()));
   return module;
 }
 

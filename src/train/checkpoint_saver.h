@@ -84,6 +84,8 @@ class CheckpointSaver {
                                 double next_lr_factor);
   AdamW staged_whole_optimizer(std::vector<std::pair<std::string, torch::Tensor>>& masters);
   std::vector<std::pair<std::string, torch::Tensor>> deepspeed_module_state(const Staged& staged);
+  torch::Tensor staged_copy(const std::string& key, const torch::Tensor& t);
+  torch::Tensor staged_on_host(const std::string& key, const torch::Tensor& t);
   void write_synchronously(const std::shared_ptr<Staged>& staged);
   void start_background_write(const std::shared_ptr<Staged>& staged);
 
