@@ -13,11 +13,10 @@
 #include "io/file_util.h"
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
+#include "checkpoint/deepspeed_resume.h"
+#include "checkpoint/hf_state.h"
 #include "train/adamw.h"
-#include "train/deepspeed_resume.h"
 #include "train/device.h"
-#include "train/hf_state.h"
-#include "train/pretrained_parts.h"
 
 namespace llava::train {
 
@@ -73,6 +72,22 @@ bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& op
   return static_cast<uint64_t>(state_bytes) <= io::parse_size(cfg.consolidate_optimizer_max_size);
 }
 
+// The run's settings DeepSpeed's files record (checkpoint::deepspeed_save_of adds the optimizer).
+checkpoint::DeepSpeedSave deepspeed_run(const TrainConfig& cfg, int64_t global_step, int64_t samples_per_step,
+                                        int world_size, const c10::IValue& lr_scheduler) {
+  checkpoint::DeepSpeedSave run;
+  run.global_step = global_step;
+  run.global_samples = global_step * samples_per_step;
+  run.world_size = world_size;
+  run.zero_stage = cfg.zero_stage;
+  run.micro_batch = cfg.data.per_device_train_batch_size;
+  run.accumulation = cfg.gradient_accumulation_steps;
+  run.gradient_clipping = cfg.max_grad_norm;
+  run.lr_scheduler = lr_scheduler;
+  run.bf16 = cfg.bf16;
+  return run;
+}
+
 std::string saving(int64_t step) { return "saving checkpoint-" + std::to_string(step); }
 
 }  // namespace
@@ -114,37 +129,37 @@ struct CheckpointSaver::Staged {
   std::string output_dir, partial_dir;
   int rank = 0, world_size = 1;
   bool sharded = false;
-  std::vector<RangeState> zero_shard;  // ZeRO: this rank's optimizer state by range
+  std::vector<checkpoint::RangeState> zero_shard;  // ZeRO: this rank's optimizer state by range
   // rank 0:
   enum class Weights { kLora, kProjector, kFull } weights = Weights::kFull;
-  std::vector<LoraWeights> lora;
+  std::vector<checkpoint::LoraModuleWeights> lora;
   NamedTensors trained;  // projector (stage 1 and LoRA's non_lora_trainables.bin) or every parameter (full)
-  LoraConfig lora_config;
+  checkpoint::PeftLoraSettings lora_settings;
   model::WeightLayout layout;
   std::string base_model, max_shard_size;
   int64_t save_total_limit = 0;
   c10::IValue optimizer_pt, scheduler_pt;  // optimizer_pt None: not written (ZeRO past the size limit)
   checkpoint::TrainerState state;
-  RunSignature signature;
+  checkpoint::RunSignature signature;
   std::vector<torch::Tensor> rng_states, cuda_rng_states;
   NamedTensors masters;
   std::optional<checkpoint::DeepSpeedSave> deepspeed;  // with `deepspeed:` in a LoRA run's config
   std::unique_ptr<checkpoint::PendingCheckpoint> pending;
   std::atomic<double> write_seconds{-1};
 
-  void write_shard() const { write_zero_shard(partial_dir, rank, world_size, zero_shard); }
+  void write_shard() const { checkpoint::write_zero_shard(partial_dir, rank, world_size, zero_shard); }
 
   // Rank 0's files, in the order the synchronous save has always written them.
   void write_main_files() const {
     const std::string& dir = partial_dir;
     if (pending->dir() != dir) throw Error(saving(step) + ": unexpected partial folder " + pending->dir());
     if (weights == Weights::kLora) {
-      save_lora_adapter(dir, lora, lora_config, layout, base_model);
-      save_projector_weights(dir + "/non_lora_trainables.bin", trained, layout, /*peft_prefix=*/true);
+      checkpoint::save_lora_adapter(dir, lora, lora_settings, layout, base_model);
+      checkpoint::save_projector_weights(dir + "/non_lora_trainables.bin", trained, layout, /*peft_prefix=*/true);
     } else if (weights == Weights::kProjector) {
-      save_projector_weights(dir + "/mm_projector.bin", trained, layout, /*peft_prefix=*/false);
+      checkpoint::save_projector_weights(dir + "/mm_projector.bin", trained, layout, /*peft_prefix=*/false);
     } else {
-      save_full_model(dir, trained, layout, io::parse_size(max_shard_size));
+      checkpoint::save_full_model(dir, trained, layout, io::parse_size(max_shard_size));
     }
     const fs::path base_config = fs::path(base_model) / "config.json";
     if (fs::exists(base_config) && !fs::exists(fs::path(dir) / "config.json"))  // atomic and fsynced like the rest
@@ -153,9 +168,9 @@ struct CheckpointSaver::Staged {
     io::save_pt(dir + "/scheduler.pt", scheduler_pt);
     if (deepspeed) checkpoint::write_deepspeed_checkpoint(dir, *deepspeed);  // HF Trainer + DeepSpeed resume it
     checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
-    write_run_signature(dir, signature);
-    write_rng_states(dir, rng_states, cuda_rng_states);
-    if (!sharded) write_master_weights(dir, masters);  // ZeRO shards carry them
+    checkpoint::write_run_signature(dir, signature);
+    checkpoint::write_rng_states(dir, rng_states, cuda_rng_states);
+    if (!sharded) checkpoint::write_master_weights(dir, masters);  // ZeRO shards carry them
   }
 
   void commit() {
@@ -188,7 +203,7 @@ CheckpointSaver::CheckpointSaver(const TrainConfig& cfg, model::LoadedModel& loa
 CheckpointSaver::~CheckpointSaver() = default;  // the writer cancels waits and joins
 
 std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint::TrainerState& state,
-                                                                const RunSignature& signature, double next_lr_factor) {
+                                                                const checkpoint::RunSignature& signature, double next_lr_factor) {
   // Synchronous saves write the live tensors before the step goes on: no copies.
   auto copy = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.snapshot(key, t) : t.detach(); };
   auto host = [&](const std::string& key, const torch::Tensor& t) { return async_ ? staging_.host(key, t) : t.detach(); };
@@ -216,9 +231,9 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
     if (consolidate) whole = optimizer_.consolidated();  // fresh buffers
     if (!optimizer_.sharded() || deepspeed_layout) masters = optimizer_.master_weights();    // fresh copies
   }
-  s->rng_states = gather_rng_states(comm_, cpu_rng_state());
+  s->rng_states = gather_rng_states(comm_, checkpoint::cpu_rng_state());
   const torch::Device device = loaded_.model->parameters().front().device();
-  if (device.is_cuda()) s->cuda_rng_states = gather_rng_states(comm_, cuda_rng_state(device));
+  if (device.is_cuda()) s->cuda_rng_states = gather_rng_states(comm_, checkpoint::cuda_rng_state(device));
   if (s->sharded) {
     s->zero_shard = optimizer_.local_ranges();  // views of the live state
     for (auto& r : s->zero_shard) {
@@ -234,7 +249,7 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   }
 
   // Rank 0's files.
-  s->lora_config = lora_config_;
+  s->lora_settings = peft_lora_settings(lora_config_);
   s->layout = loaded_.layout;
   s->base_model = cfg_.model_name_or_path;
   s->max_shard_size = cfg_.max_shard_size;
@@ -270,17 +285,18 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
         if (st.exp_avg.defined()) st.exp_avg = host(key + "exp_avg", st.exp_avg);
         if (st.exp_avg_sq.defined()) st.exp_avg_sq = host(key + "exp_avg_sq", st.exp_avg_sq);
       }
-    s->optimizer_pt = adamw_state_dict(*whole);
-    s->scheduler_pt = lambda_lr_state_dict(*whole, state.global_step);
+    s->optimizer_pt = checkpoint::adamw_state_dict(whole->data());
+    s->scheduler_pt = checkpoint::lambda_lr_state_dict(whole->groups(), state.global_step);
   } else {
     AdamW stateless(optimizer_.groups(), AdamWOptions{});  // the schedule needs only the groups' lrs
     set_next_lr(stateless);
-    s->scheduler_pt = lambda_lr_state_dict(stateless, state.global_step);
+    s->scheduler_pt = checkpoint::lambda_lr_state_dict(stateless.groups(), state.global_step);
   }
   for (auto& [name, t] : masters) s->masters.emplace_back(name, host("master/" + name, t));
   if (whole && deepspeed_layout)
-    s->deepspeed = deepspeed_save_of(*whole, s->masters, cfg_, state.global_step, signature.samples_per_step,
-                                     comm_.world_size(), s->scheduler_pt);
+    s->deepspeed = checkpoint::deepspeed_save_of(whole->data(), s->masters,
+                                                 deepspeed_run(cfg_, state.global_step, signature.samples_per_step,
+                                                               comm_.world_size(), s->scheduler_pt));
   s->state = state;
   s->signature = signature;
   staging_.wait();
@@ -348,7 +364,7 @@ void CheckpointSaver::start_background_write(const std::shared_ptr<Staged>& s) {
   in_flight_ = true;
 }
 
-void CheckpointSaver::save(const checkpoint::TrainerState& state, const RunSignature& signature, double next_lr_factor) {
+void CheckpointSaver::save(const checkpoint::TrainerState& state, const checkpoint::RunSignature& signature, double next_lr_factor) {
   const auto wait_start = Clock::now();
   finish();  // at most one save in flight
   const double waited = seconds_since(wait_start);

@@ -16,12 +16,13 @@
 
 #include "checkpoint/async_writer.h"
 #include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/pretrained_parts.h"
+#include "checkpoint/resume_state.h"
 #include "distributed/communicator.h"
 #include "model/weights.h"
 #include "train/adamw.h"
 #include "train/config.h"
 #include "train/lora.h"
-#include "train/resume_state.h"
 #include "train/sharded_adamw.h"
 
 namespace llava::train {
@@ -66,7 +67,7 @@ class CheckpointSaver {
 
   // checkpoint-<state.global_step>. next_lr_factor: the schedule's factor of the next step (HF's
   // optimizer.pt / scheduler.pt hold the next step's lr). Waits for the save in flight first.
-  void save(const checkpoint::TrainerState& state, const RunSignature& signature, double next_lr_factor);
+  void save(const checkpoint::TrainerState& state, const checkpoint::RunSignature& signature, double next_lr_factor);
   // Once per step: a background write that failed ends the run here on every rank (llava::Error).
   void check();
   // Right before the optimizer changes parameters and moments: waits for a write that reads them in place
@@ -80,7 +81,7 @@ class CheckpointSaver {
 
  private:
   struct Staged;
-  std::shared_ptr<Staged> stage(const checkpoint::TrainerState& state, const RunSignature& signature,
+  std::shared_ptr<Staged> stage(const checkpoint::TrainerState& state, const checkpoint::RunSignature& signature,
                                 double next_lr_factor);
   AdamW staged_whole_optimizer(std::vector<std::pair<std::string, torch::Tensor>>& masters);
   void write_synchronously(const std::shared_ptr<Staged>& staged);

@@ -15,8 +15,12 @@
 
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/deepspeed_checkpoint.h"
+#include "checkpoint/deepspeed_resume.h"
 #include "checkpoint/hf_rng_state.h"
+#include "checkpoint/hf_state.h"
 #include "checkpoint/peft_adapter.h"
+#include "checkpoint/pretrained_parts.h"
+#include "checkpoint/resume_state.h"
 #include "data/config.h"
 #include "data/masked_samples.h"
 #include "distributed/communicator.h"
@@ -29,13 +33,9 @@
 #include "model/weights.h"
 #include "train/adamw.h"
 #include "train/checkpoint_saver.h"
-#include "train/deepspeed_resume.h"
 #include "train/device.h"
-#include "train/hf_state.h"
 #include "train/lora.h"
-#include "train/pretrained_parts.h"
 #include "train/progress.h"
-#include "train/resume_state.h"
 #include "train/schedule.h"
 #include "train/sharded_adamw.h"
 #include "train/watchdog.h"
@@ -144,7 +144,7 @@ std::vector<ParamGroup> param_groups(const std::vector<Trainable>& trainables, c
 // use_rslora; `what` starts each error ("cannot resume", "--init-lora-from").
 void load_peft_adapters(model::LlavaForConditionalGeneration& model, const std::vector<LoraModule>& lora,
                         const std::string& dir, const TrainConfig& cfg, const std::string& what) {
-  const auto adapter = read_lora_adapter(model, dir);
+  const auto adapter = checkpoint::read_lora_adapter(model, dir);
   const std::string adapter_config = (fs::path(dir) / "adapter_config.json").string();
   if (adapter.r != cfg.lora_r || adapter.lora_alpha != cfg.lora_alpha || adapter.use_rslora != cfg.use_rslora)
     fail(adapter_config, what + ": the adapter has r " + std::to_string(adapter.r) + ", lora_alpha " +
@@ -187,9 +187,9 @@ bool interrupt_requested(dist::Communicator& comm) {
 }
 
 // What the run is, for the resume check (see resume_state.h).
-RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>& trainables, int world_size,
+checkpoint::RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>& trainables, int world_size,
                            int64_t samples_per_step) {
-  RunSignature s;
+  checkpoint::RunSignature s;
   for (auto& t : trainables) s.trainables.push_back({t.name, t.param.sizes().vec()});
   if (cfg.lora_enable)
     s.lora = {{"r", cfg.lora_r}, {"lora_alpha", cfg.lora_alpha}, {"use_rslora", cfg.use_rslora},
@@ -204,12 +204,12 @@ RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>&
 // This rank's generators: the CPU one (LoRA dropout draws from it): ours, else HF Trainer's
 // rng_state[_R].pth; on a CUDA device also its generator (a CPU run's checkpoint has none: it stays as seeded).
 void restore_rng_state(const std::string& dir, int rank, const torch::Device& device) {
-  if (auto rng = read_rng_state(dir, rank))
-    set_cpu_rng_state(*rng);
+  if (auto rng = checkpoint::read_rng_state(dir, rank))
+    checkpoint::set_cpu_rng_state(*rng);
   else if (auto hf = checkpoint::read_hf_cpu_rng_state(dir, rank))
-    set_cpu_rng_state(*hf);
+    checkpoint::set_cpu_rng_state(*hf);
   if (device.is_cuda())
-    if (auto rng = read_cuda_rng_state(dir, rank)) set_cuda_rng_state(device, *rng);
+    if (auto rng = checkpoint::read_cuda_rng_state(dir, rank)) checkpoint::set_cuda_rng_state(device, *rng);
 }
 
 // resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
@@ -227,35 +227,40 @@ std::string checkpoint_to_resume(const TrainConfig& cfg) {
 // and for one written by Python HF Trainer + PEFT (no llava_* files: nothing more is checked or restored).
 checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainConfig& cfg, model::LoadedModel& loaded,
                                             const std::vector<LoraModule>& lora, ShardedAdamW& optimizer,
-                                            const RunSignature& now, int rank, std::ostream& log) {
-  check_same_model(dir, cfg.model_name_or_path);
-  if (auto saved = read_run_signature(dir))
-    for (auto& change : check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
+                                            const checkpoint::RunSignature& now, int rank, std::ostream& log) {
+  checkpoint::check_same_model(dir, cfg.model_name_or_path);
+  if (auto saved = checkpoint::read_run_signature(dir))
+    for (auto& change : checkpoint::check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
   auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
   // HF Trainer + DeepSpeed: weights and state in global_stepN/ (ours carry optimizer.pt beside it).
   if (checkpoint::is_deepspeed_checkpoint(dir) && !fs::exists(fs::path(dir) / "optimizer.pt")) {
     if (!lora.empty()) load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");  // checks r / lora_alpha
-    restore_deepspeed_state(dir, loaded.model, optimizer);
+    std::vector<std::string> model_names;
+    for (auto& p : loaded.model->named_parameters()) model_names.push_back(p.key());
+    AdamW whole(optimizer.groups(), AdamWOptions{});
+    const auto masters = checkpoint::restore_deepspeed_state(dir, model_names, whole.data());
+    optimizer.load_consolidated(whole);
+    optimizer.load_master_weights(masters);
     restore_rng_state(dir, rank, loaded.model->parameters().front().device());
     return state;
   }
   if (!lora.empty()) {
     load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");
-    load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
+    checkpoint::load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
   } else if (cfg.tune_mm_mlp_adapter) {
-    load_projector_weights(loaded.model, (fs::path(dir) / "mm_projector.bin").string());
+    checkpoint::load_projector_weights(loaded.model, (fs::path(dir) / "mm_projector.bin").string());
   } else {
     model::load_weights(loaded.model, dir);
   }
   // The optimizer: ZeRO shard files when there are (any world size reads them), else optimizer.pt.
-  if (auto ranges = read_zero_shards(dir); !ranges.empty()) {
+  if (auto ranges = checkpoint::read_zero_shards(dir); !ranges.empty()) {
     optimizer.load_ranges(ranges, (fs::path(dir) / "zero_shards").string());
   } else {
     const std::string optimizer_file = (fs::path(dir) / "optimizer.pt").string();
     AdamW whole(optimizer.groups(), AdamWOptions{});
-    load_adamw_state_dict(whole, io::load_pt(optimizer_file), optimizer_file);
+    checkpoint::load_adamw_state_dict(whole.data(), io::load_pt(optimizer_file), optimizer_file);
     optimizer.load_consolidated(whole);
-    optimizer.load_master_weights(read_master_weights(dir));
+    optimizer.load_master_weights(checkpoint::read_master_weights(dir));
   }
   restore_rng_state(dir, rank, loaded.model->parameters().front().device());
   return state;
@@ -405,7 +410,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   model->train();
   model->set_gradient_checkpointing(cfg.gradient_checkpointing);
   // Stage 2 starts from stage 1's projector (LLaVA's --pretrain_mm_mlp_adapter .../mm_projector.bin).
-  if (!cfg.pretrain_mm_mlp_adapter.empty()) load_projector_weights(model, cfg.pretrain_mm_mlp_adapter);
+  if (!cfg.pretrain_mm_mlp_adapter.empty()) checkpoint::load_projector_weights(model, cfg.pretrain_mm_mlp_adapter);
   // As HF Trainer's set_seed(args.seed): the global generator starts from `seed` in every run (PEFT's init
   // draws lora_A from it, and llava_rng_state.safetensors is then the same for identical runs of any stage).
   torch::manual_seed(cfg.data.seed);
@@ -468,7 +473,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   auto signature = [&](int64_t step) {
     auto s = run_signature(cfg, trainables, comm.world_size(), samples_per_step);
     s.sampler = {{"epoch", step / steps_per_epoch}, {"position", (step % steps_per_epoch) * samples_per_step}};
-    s.logging = RunSignature::LogProgress{last_logged_step, logged_loss};
+    s.logging = checkpoint::RunSignature::LogProgress{last_logged_step, logged_loss};
     return s;
   };
   int64_t step = 0;
@@ -479,7 +484,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     state.epoch = restored.epoch;
     state.log_history = restored.log_history;
     last_logged_step = step;  // as HF Trainer: the first log line averages over the steps this run makes
-    if (const auto saved = read_run_signature(resume); saved && saved->logging) {  // ours: continue the line
+    if (const auto saved = checkpoint::read_run_signature(resume); saved && saved->logging) {  // ours: continue the line
       if (saved->logging->last_logged_step < 0 || saved->logging->last_logged_step > step)
         fail((fs::path(resume) / "llava_resume.json").string(),
              "\"logging\": last_logged_step " + std::to_string(saved->logging->last_logged_step) +
