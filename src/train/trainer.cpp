@@ -14,10 +14,6 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint_dir.h"
-#include "checkpoint/deepspeed_checkpoint.h"
-#include "checkpoint/deepspeed_resume.h"
-#include "checkpoint/hf_rng_state.h"
-#include "checkpoint/hf_state.h"
 #include "checkpoint/peft_adapter.h"
 #include "checkpoint/pretrained_parts.h"
 #include "checkpoint/resume_state.h"
@@ -32,7 +28,7 @@
 #include "model/lm_loss.h"
 #include "model/weights.h"
 #include "train/adamw.h"
-#include "train/checkpoint_saver.h"
+#include "train/checkpoint_state.h"
 #include "train/device.h"
 #include "train/lora.h"
 #include "train/progress.h"
@@ -201,71 +197,6 @@ checkpoint::RunSignature run_signature(const TrainConfig& cfg, const std::vector
   return s;
 }
 
-// This rank's generators: the CPU one (LoRA dropout draws from it): ours, else HF Trainer's
-// rng_state[_R].pth; on a CUDA device also its generator (a CPU run's checkpoint has none: it stays as seeded).
-void restore_rng_state(const std::string& dir, int rank, const torch::Device& device) {
-  if (auto rng = checkpoint::read_rng_state(dir, rank))
-    checkpoint::set_cpu_rng_state(*rng);
-  else if (auto hf = checkpoint::read_hf_cpu_rng_state(dir, rank))
-    checkpoint::set_cpu_rng_state(*hf);
-  if (device.is_cuda())
-    if (auto rng = checkpoint::read_cuda_rng_state(dir, rank)) checkpoint::set_cuda_rng_state(device, *rng);
-}
-
-// resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
-// or a checkpoint dir. Returns "" for a fresh start.
-std::string checkpoint_to_resume(const TrainConfig& cfg) {
-  if (cfg.resume_from_checkpoint.empty()) return "";
-  if (cfg.resume_from_checkpoint == "auto") return checkpoint::latest_checkpoint(cfg.output_dir).value_or("");
-  if (!fs::exists(fs::path(cfg.resume_from_checkpoint) / "trainer_state.json"))
-    fail(cfg.resume_from_checkpoint, "not a checkpoint (no trainer_state.json); nothing was changed");
-  return cfg.resume_from_checkpoint;
-}
-
-// Puts the trained weights, the optimizer state and this rank's RNG state of `dir` back; returns its
-// trainer state. Works for a checkpoint of any world size and ZeRO stage (optimizer.pt is consolidated)
-// and for one written by Python HF Trainer + PEFT (no llava_* files: nothing more is checked or restored).
-checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainConfig& cfg, model::LoadedModel& loaded,
-                                            const std::vector<LoraModule>& lora, ShardedAdamW& optimizer,
-                                            const checkpoint::RunSignature& now, int rank, std::ostream& log) {
-  checkpoint::check_same_model(dir, cfg.model_name_or_path);
-  if (auto saved = checkpoint::read_run_signature(dir))
-    for (auto& change : checkpoint::check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
-  auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
-  // HF Trainer + DeepSpeed: weights and state in global_stepN/ (ours carry optimizer.pt beside it).
-  if (checkpoint::is_deepspeed_checkpoint(dir) && !fs::exists(fs::path(dir) / "optimizer.pt")) {
-    if (!lora.empty()) load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");  // checks r / lora_alpha
-    std::vector<std::string> model_names;
-    for (auto& p : loaded.model->named_parameters()) model_names.push_back(p.key());
-    AdamW whole(optimizer.groups(), AdamWOptions{});
-    const auto masters = checkpoint::restore_deepspeed_state(dir, model_names, whole.data());
-    optimizer.load_consolidated(whole);
-    optimizer.load_master_weights(masters);
-    restore_rng_state(dir, rank, loaded.model->parameters().front().device());
-    return state;
-  }
-  if (!lora.empty()) {
-    load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");
-    checkpoint::load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
-  } else if (cfg.tune_mm_mlp_adapter) {
-    checkpoint::load_projector_weights(loaded.model, (fs::path(dir) / "mm_projector.bin").string());
-  } else {
-    model::load_weights(loaded.model, dir);
-  }
-  // The optimizer: ZeRO shard files when there are (any world size reads them), else optimizer.pt.
-  if (auto ranges = checkpoint::read_zero_shards(dir); !ranges.empty()) {
-    optimizer.load_ranges(ranges, (fs::path(dir) / "zero_shards").string());
-  } else {
-    const std::string optimizer_file = (fs::path(dir) / "optimizer.pt").string();
-    AdamW whole(optimizer.groups(), AdamWOptions{});
-    checkpoint::load_adamw_state_dict(whole.data(), io::load_pt(optimizer_file), optimizer_file);
-    optimizer.load_consolidated(whole);
-    optimizer.load_master_weights(checkpoint::read_master_weights(dir));
-  }
-  restore_rng_state(dir, rank, loaded.model->parameters().front().device());
-  return state;
-}
-
 // Tokens the causal-LM loss scores in a batch: labels shifted by one (position 0 predicts nothing).
 int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
   return labels.slice(1, 1).ne(-100).sum().item<int64_t>();
@@ -316,7 +247,7 @@ std::vector<RankMemory> gather_memory(const ShardedAdamW& optimizer, dist::Commu
 
 void write_metrics(const std::string& path, const std::vector<StepMetrics>& history,
                    const std::vector<Trainable>& trainables, const ShardedAdamW& optimizer,
-                   const std::vector<RankMemory>& memory, const std::vector<SaveTiming>& saves) {
+                   const std::vector<RankMemory>& memory, const std::vector<checkpoint::SaveTiming>& saves) {
   nlohmann::json steps = nlohmann::json::array();
   for (auto& m : history)
     steps.push_back({{"step", m.step}, {"loss", m.loss}, {"grad_norm", m.grad_norm},
@@ -477,18 +408,17 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     return s;
   };
   int64_t step = 0;
-  if (const std::string resume = checkpoint_to_resume(cfg); !resume.empty()) {
-    const auto restored = restore_checkpoint(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(), log);
-    step = restored.global_step;
+  if (const std::string resume = checkpoint::checkpoint_to_resume(cfg.resume_from_checkpoint, cfg.output_dir);
+      !resume.empty()) {
+    auto load_lora = [&](const std::string& dir) { load_peft_adapters(model, lora, dir, cfg, "cannot resume"); };
+    const auto restored = restore_training_state(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(),
+                                                 load_lora, log);
+    step = restored.trainer.global_step;
     state.global_step = step;  // a run resumed at max_steps saves checkpoint-<step>, not checkpoint-0
-    state.epoch = restored.epoch;
-    state.log_history = restored.log_history;
+    state.epoch = restored.trainer.epoch;
+    state.log_history = restored.trainer.log_history;
     last_logged_step = step;  // as HF Trainer: the first log line averages over the steps this run makes
-    if (const auto saved = checkpoint::read_run_signature(resume); saved && saved->logging) {  // ours: continue the line
-      if (saved->logging->last_logged_step < 0 || saved->logging->last_logged_step > step)
-        fail((fs::path(resume) / "llava_resume.json").string(),
-             "\"logging\": last_logged_step " + std::to_string(saved->logging->last_logged_step) +
-                 " is not in [0, global_step " + std::to_string(step) + "]");
+    if (const auto& saved = restored.saved; saved && saved->logging) {  // ours: continue the line
       last_logged_step = saved->logging->last_logged_step;
       logged_loss = saved->logging->loss_since_log;
     }
@@ -507,7 +437,14 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     std::signal(SIGTERM, note_interrupt);
     std::signal(SIGINT, note_interrupt);
   }
-  CheckpointSaver saver(cfg, loaded, lora, lora_config_for(cfg), optimizer, comm, async_save_enabled(cfg, device));
+  checkpoint::CheckpointSaver saver(save_options(cfg, loaded, async_save_enabled(cfg, device)), comm);
+  const LoraConfig lora_config = lora_config_for(cfg);
+  auto save = [&] {  // checkpoint-<step>: collective
+    saver.save([&] {
+      return training_state(cfg, loaded, lora, lora_config, optimizer, comm, saver.async(), state, signature(step),
+                            schedule.factor(step));
+    });
+  };
   Watchdog watchdog(cfg.step_timeout, comm.rank(), step);  // step_timeout: a rank stuck anywhere exits
   // A library error inside the loop (a tensor op, a collective) names where this rank was.
   try {
@@ -603,10 +540,10 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         }
         watchdog.enter(Phase::save);
         saver.check();  // a background save that failed ends the run here, on every rank
-        if (save_every && step % cfg.save_steps == 0) saver.save(state, signature(step), schedule.factor(step));
+        if (save_every && step % cfg.save_steps == 0) save();
         if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
         if (cfg.save_on_interrupt && interrupt_requested(comm)) {
-          if (!(save_every && step % cfg.save_steps == 0)) saver.save(state, signature(step), schedule.factor(step));
+          if (!(save_every && step % cfg.save_steps == 0)) save();
           saver.finish();
           progress.log("interrupted by a signal: saved checkpoint-" + std::to_string(step) + ", stopping");
           stopped = true;
@@ -628,7 +565,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   watchdog.enter(Phase::save);
   // HF Trainer saves at the end too (unless the last step just did).
   if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
-    saver.save(state, signature(step), schedule.factor(step));
+    save();
   saver.finish();
   if (!debug.metrics_out.empty()) {
     const auto memory = gather_memory(optimizer, comm);
