@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEBS=(libyaml-cpp-dev libyaml-cpp0.7 libsentencepiece-dev libsentencepiece0 libprotobuf-lite32 libcxxopts-dev
-      nlohmann-json3-dev libstb-dev libstb0 catch2 libgloo-dev)
+      nlohmann-json3-dev libstb-dev libstb0 catch2 libgloo-dev libre2-dev libre2-9)
 mode=${1:-check}
 OUT_DIR=.
 [ "$mode" = "--out" ] && { OUT_DIR=$2; mode=check; }

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # libgloo-dev: the gloo headers ProcessGroupGloo.hpp includes (the wheel has gloo compiled in, not its headers).
-SYSTEM_PACKAGES=(cmake ninja-build g++ ccache pkg-config libgloo-dev catch2 libcxxopts-dev
+SYSTEM_PACKAGES=(cmake ninja-build g++ ccache pkg-config libgloo-dev catch2 libcxxopts-dev libre2-dev
                  nlohmann-json3-dev libyaml-cpp-dev libsentencepiece-dev libstb-dev
                  clang libclang-rt-14-dev)  # clang + libFuzzer: the fuzz build
 # Pinned so reference outputs do not move under us. torch 2.13.0 is the local CPU wheel.

@@ -7,6 +7,19 @@
 #   build-asan/  the Catch2 tests under ASan + UBSan
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+# Disk: a cold run needs ~19 GB (the two venvs 7 GB, the four builds 12 GB). Say so up front rather than
+# fail in the middle of an install with "No space left on device".
+need_mb=1000
+for part in .venv:1500 .venv-cuda:5600 build:3500 build-cuda:3600 build-asan:4500 build-fuzz:400; do
+  [ -e "${part%%:*}" ] || need_mb=$((need_mb + ${part##*:}))
+done
+free_mb=$(df -Pm . | awk 'NR == 2 { print $4 }')
+echo "test.sh: ${free_mb} MB free here, about ${need_mb} MB needed"
+if [ "${free_mb:-0}" -lt "$need_mb" ]; then
+  echo "error: test.sh: not enough disk space in $(pwd): ${free_mb} MB free, about ${need_mb} MB needed for the venvs and builds not yet made" >&2
+  exit 1
+fi
 scripts/setup.sh --cuda || exit 1
 scripts/build.sh cpu cuda asan fuzz || exit 1
 

@@ -11,6 +11,7 @@
 
 #include "checkpoint/deepspeed_checkpoint.h"
 #include "checkpoint/deepspeed_resume.h"
+#include "checkpoint/hf_rng_state.h"
 #include "checkpoint/hf_state.h"
 #include "io/error.h"
 #include "io/file_util.h"
@@ -64,7 +65,7 @@ bool writes_optimizer_pt(bool sharded, int64_t total_numel, bool bf16, uint64_t 
   return static_cast<uint64_t>(state_bytes) <= max_bytes;
 }
 
-bool writes_deepspeed_layout(bool deepspeed_config_named, bool lora) { return deepspeed_config_named && lora; }
+bool writes_deepspeed_layout(bool deepspeed_config_named) { return deepspeed_config_named; }
 
 // ------------------------------------------------------------------------------------------ staging
 
@@ -116,8 +117,10 @@ struct CheckpointSaver::Staged {
   TrainerState state;
   RunSignature signature;
   std::vector<torch::Tensor> rng_states, cuda_rng_states;
+  std::vector<int64_t> cuda_devices;  // each rank's CUDA device index (with cuda_rng_states)
+  uint64_t seed = 0;                  // HF's rng_state files: the Python and NumPy generators as seeded
   NamedTensors masters;
-  std::optional<DeepSpeedSave> deepspeed;  // with `deepspeed:` in a LoRA run's config
+  std::optional<DeepSpeedSave> deepspeed;  // with `deepspeed:` in the config
   std::unique_ptr<PendingCheckpoint> pending;
   std::atomic<double> write_seconds{-1};
 
@@ -144,6 +147,7 @@ struct CheckpointSaver::Staged {
     write_trainer_state(dir + "/trainer_state.json", state);
     write_run_signature(dir, signature);
     write_rng_states(dir, rng_states, cuda_rng_states);
+    write_hf_rng_states(dir, seed, rng_states, cuda_rng_states, cuda_devices);  // HF Trainer loads them
     if (!sharded) write_master_weights(dir, masters);  // ZeRO shards carry them
   }
 
@@ -200,6 +204,7 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(TrainingState& s
   }
   s->rng_states = std::move(state.rng_states);
   s->cuda_rng_states = std::move(state.cuda_rng_states);
+  s->cuda_devices = std::move(state.cuda_devices);
   if (s->sharded) {
     s->zero_shard = state.ranges;  // views of the live state
     for (auto& r : s->zero_shard) {
@@ -220,6 +225,7 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(TrainingState& s
   s->base_model = options_.base_model;
   s->max_shard_size = options_.max_shard_size;
   s->save_total_limit = options_.save_total_limit;
+  s->seed = state.seed;
   s->weights = state.weights;
   for (auto& m : state.lora)
     s->lora.push_back({m.path, copy(m.path + ".lora_A", m.A), copy(m.path + ".lora_B", m.B)});
@@ -252,7 +258,8 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(TrainingState& s
   for (auto& [name, t] : masters) s->masters.emplace_back(name, host("master/" + name, t));
   if (whole && state.deepspeed) {
     state.deepspeed->lr_scheduler = s->scheduler_pt;
-    s->deepspeed = deepspeed_save_of(*whole, s->masters, std::move(*state.deepspeed));
+    s->deepspeed = deepspeed_save_of(*whole, s->masters, deepspeed_module_state(state, *s),
+                                     state.weights == TrainingState::Weights::kLora, std::move(*state.deepspeed));
   }
   s->state = std::move(state.trainer);
   s->signature = std::move(state.signature);
@@ -286,6 +293,27 @@ AdamWState CheckpointSaver::staged_whole_optimizer(const TrainingState& state, N
     s.step = r.step;
   }
   return whole;
+}
+
+// DeepSpeed's `module` of a run without LoRA (TrainingState::deepspeed_module): the staged trained tensors
+// (every parameter of a full fine-tune, the projector of stage 1) where they are staged already, the rest
+// copied as live (trainable) or only brought to the host (frozen: never changed). Empty for LoRA runs,
+// whose `module` is their trained tensors.
+NamedTensors CheckpointSaver::deepspeed_module_state(const TrainingState& state, const Staged& s) {
+  NamedTensors module;
+  if (state.weights == TrainingState::Weights::kLora) return module;
+  const bool async = options_.async;
+  auto copy = [&](const std::string& key, const torch::Tensor& t) { return async ? staging_.snapshot(key, t) : t.detach(); };
+  auto host = [&](const std::string& key, const torch::Tensor& t) { return async ? staging_.host(key, t) : t.detach(); };
+  const std::map<std::string, torch::Tensor> staged(s.trained.begin(), s.trained.end());
+  for (size_t i = 0; i < state.deepspeed_module.size(); ++i) {
+    const auto& [name, t] = state.deepspeed_module[i];
+    const bool frozen = i < state.deepspeed_module_frozen.size() && state.deepspeed_module_frozen[i];
+    auto it = staged.find(name);
+    if (it != staged.end()) module.emplace_back(name, it->second);
+    else module.emplace_back(name, frozen ? host(name, t) : copy(name, t));
+  }
+  return module;
 }
 
 void CheckpointSaver::write_synchronously(const std::shared_ptr<Staged>& s) {

@@ -101,8 +101,16 @@ struct TrainingState {
   NamedTensors masters;            // gathered fp32 master weights (bf16 runs), by name
 
   std::vector<torch::Tensor> rng_states, cuda_rng_states;  // every rank's generator (CUDA: runs on a GPU)
+  std::vector<int64_t> cuda_devices;  // each rank's CUDA device index (with cuda_rng_states)
+  uint64_t seed = 0;                  // HF's rng_state files: the Python and NumPy generators as seeded
   // With `deepspeed:` (and `whole`): DeepSpeed's layout too; its run settings (deepspeed_save_of adds the rest).
   std::optional<DeepSpeedSave> deepspeed;
+  // With `deepspeed` and no LoRA: DeepSpeed's `module`, every parameter of the HF model's state_dict() by our
+  // names (live; a tied lm_head under its own name too), as HF Trainer has DeepSpeed load a non-PEFT model's
+  // `module` strictly. Those also in weights_to_save are staged once; the rest as `deepspeed_module_frozen`
+  // says (frozen: never changes, staged without a snapshot).
+  NamedTensors deepspeed_module;
+  std::vector<bool> deepspeed_module_frozen;
 };
 
 // Whether optimizer.pt (the whole state, gathered on every rank) is written: always without sharding
@@ -111,10 +119,11 @@ struct TrainingState {
 // costs every rank the whole state's memory.
 bool writes_optimizer_pt(bool sharded, int64_t total_numel, bool bf16, uint64_t max_bytes);
 
-// With a DeepSpeed config named (`deepspeed:`, as LLaVA's scripts pass it) a LoRA run's checkpoints also carry
-// DeepSpeed's layout: the run was meant for DeepSpeed, and HF Trainer under DeepSpeed resumes nothing else
-// (it looks for global_step*/). Written with optimizer.pt (the consolidated optimizer) only.
-bool writes_deepspeed_layout(bool deepspeed_config_named, bool lora);
+// With a DeepSpeed config named (`deepspeed:`, as LLaVA's scripts pass it) the checkpoints also carry
+// DeepSpeed's layout (LoRA, stage 1 and full fine-tunes): the run was meant for DeepSpeed, and HF Trainer
+// under DeepSpeed resumes nothing else (it looks for global_step*/). Written with optimizer.pt (the
+// consolidated optimizer) only.
+bool writes_deepspeed_layout(bool deepspeed_config_named);
 
 class CheckpointSaver {
  public:
@@ -141,6 +150,7 @@ class CheckpointSaver {
   struct Staged;
   std::shared_ptr<Staged> stage(TrainingState& state);
   AdamWState staged_whole_optimizer(const TrainingState& state, NamedTensors& masters);
+  NamedTensors deepspeed_module_state(const TrainingState& state, const Staged& staged);
   void write_synchronously(const std::shared_ptr<Staged>& staged);
   void start_background_write(const std::shared_ptr<Staged>& staged);
 

@@ -312,7 +312,9 @@ c10::IValue model_states(const DeepSpeedSave& save) {
     }
     shapes.push_back(group);
   }
-  for (auto& p : save.params) module.insert(p.name, p.master);
+  if (save.module.empty())
+    for (auto& p : save.params) module.insert(p.name, p.master);
+  for (auto& [name, tensor] : save.module) module.insert(name, tensor);
   auto d = io::pickle::new_dict();
   d.insert("module", module);
   d.insert("buffer_names", io::pickle::new_list());

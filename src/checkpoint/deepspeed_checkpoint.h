@@ -50,7 +50,7 @@ DeepSpeedCheckpoint read_deepspeed_checkpoint(const std::string& dir);
 
 // What HF Trainer + DeepSpeed (ZeRO 1/2, fp32, torch AdamW) would have saved after `global_step` steps on
 // `world_size` ranks, so that Trainer.train(resume_from_checkpoint=...) under DeepSpeed with that many ranks
-// continues the run: `latest`, global_stepN/mp_rank_00_model_states.pt (module: the trained tensors) and one
+// continues the run: `latest`, global_stepN/mp_rank_00_model_states.pt (module: see below) and one
 // zero_pp_rank_R_mp_rank_00_optim_states.pt per rank, each group flattened in order, padded to a multiple of
 // 2 x world_size as DeepSpeed pads it and cut into equal partitions. No loss_scaler (DeepSpeed keeps its
 // own), no param_slice_mappings (only universal checkpoints use them).
@@ -62,6 +62,10 @@ struct DeepSpeedSave {
   std::vector<DeepSpeedGroup> groups;
   std::vector<DeepSpeedParam> params;  // names as the wrapped HF model names them, group by group
   c10::IValue lr_scheduler;            // LambdaLR.state_dict()
+  // The model states' `module`. Empty: the trained tensors of `params` (a PEFT model, which HF Trainer has
+  // DeepSpeed load non-strictly). Otherwise the whole model's state dict by the HF model's names, frozen
+  // tensors too: HF Trainer has DeepSpeed load a non-PEFT model's `module` strictly.
+  std::vector<std::pair<std::string, torch::Tensor>> module;
 };
 void write_deepspeed_checkpoint(const std::string& dir, const DeepSpeedSave& save);
 

@@ -92,7 +92,21 @@ NamedTensors restore_deepspeed_state(const std::string& checkpoint_dir, const st
   return masters;
 }
 
-DeepSpeedSave deepspeed_save_of(const AdamWState& whole, const NamedTensors& masters, DeepSpeedSave run) {
+namespace {
+
+// Our parameter name -> the name HF Trainer's model gives it (see deepspeed_save_of).
+std::string hf_model_name(const std::string& name, bool peft) {
+  if (!peft) return model::checkpoint_name(name, {model::KeyLayout::kHfModern, /*vision_model_level=*/false, ""});
+  std::string peft_name = "base_model.model." + name;
+  for (const std::string lora : {".lora_A.weight", ".lora_B.weight"})
+    if (ends_with(peft_name, lora)) peft_name = peft_name.substr(0, peft_name.size() - 7) + ".default.weight";
+  return peft_name;
+}
+
+}  // namespace
+
+DeepSpeedSave deepspeed_save_of(const AdamWState& whole, const NamedTensors& masters, const NamedTensors& model_state,
+                                bool peft, DeepSpeedSave run) {
   DeepSpeedSave save = std::move(run);
   save.beta1 = whole.options.beta1;
   save.beta2 = whole.options.beta2;
@@ -104,15 +118,15 @@ DeepSpeedSave deepspeed_save_of(const AdamWState& whole, const NamedTensors& mas
     for (size_t i = 0; i < group.params.size(); ++i) {
       const AdamState& s = whole.state[g][i];
       step = std::max(step, s.step);
-      std::string name = "base_model.model." + group.names[i];
-      for (const std::string lora : {".lora_A.weight", ".lora_B.weight"})
-        if (ends_with(name, lora)) name = name.substr(0, name.size() - 7) + ".default.weight";
+      const std::string name = hf_model_name(group.names[i], peft);
       auto master = master_of.count(group.names[i]) ? master_of.at(group.names[i]).view(group.params[i].sizes())
                                                      : group.params[i].detach();
       save.params.push_back({name, g, master, s.exp_avg, s.exp_avg_sq});
     }
     save.groups.push_back({group.lr, group.base_lr, group.weight_decay, step});
   }
+  if (!peft)
+    for (auto& [name, tensor] : model_state) save.module.emplace_back(hf_model_name(name, false), tensor);
   return save;
 }
 

@@ -2,7 +2,7 @@
 // master weights and Adam moments DeepSpeed keeps in flat per-rank partitions (checkpoint/
 // deepspeed_checkpoint.h) become this run's trainable weights and per-parameter optimizer state (the
 // trainer hands them to its optimizer, which lays them out again for this run's ranks). DeepSpeed's names (PEFT's base_model.model....lora_A.default
-// .weight, in any key layout PEFT and transformers use) are matched to this run's trainables by name.
+// .weight, or a non-PEFT model's own names, in any key layout PEFT and transformers use) are matched to this run's trainables by name.
 #pragma once
 #include <string>
 
@@ -21,11 +21,15 @@ NamedTensors restore_deepspeed_state(const std::string& checkpoint_dir, const st
                                      AdamWState& whole);
 
 // The DeepSpeed layout of this run's checkpoint (write_deepspeed_checkpoint) from the whole optimizer
-// (lrs already the next step's) of a PEFT LoRA run: names as PEFT's wrapped model names them
-// (base_model.model.<name>, lora_A.default.weight). `masters`: bf16 runs' fp32 master weights by name; empty
-// in fp32 runs, whose parameters are the masters. `run`: the run's settings (global_step, global_samples,
-// world_size, zero_stage, micro_batch, accumulation, gradient_clipping, bf16, lr_scheduler); the optimizer's
-// betas / eps, groups and params are filled in here.
-DeepSpeedSave deepspeed_save_of(const AdamWState& whole, const NamedTensors& masters, DeepSpeedSave run);
+// (lrs already the next step's). Names as the HF model HF Trainer wraps names them: a LoRA run's (`peft`)
+// PEFT model (base_model.model.<name>, lora_A.default.weight; `module` the trained tensors), otherwise
+// transformers 5's LlavaForConditionalGeneration (our names, the CLIP tower's without ".vision_model."),
+// whose `module` is `model_state` (every parameter, frozen ones too, by our names: DeepSpeed loads it
+// strictly). `masters`: bf16 runs' fp32 master weights by name; empty in fp32 runs, whose parameters are the
+// masters. `run`: the run's settings (global_step, global_samples, world_size, zero_stage, micro_batch,
+// accumulation, gradient_clipping, bf16, lr_scheduler); the optimizer's betas / eps, groups and params are
+// filled in here.
+DeepSpeedSave deepspeed_save_of(const AdamWState& whole, const NamedTensors& masters, const NamedTensors& model_state,
+                                bool peft, DeepSpeedSave run);
 
 }  // namespace llava::checkpoint

@@ -23,12 +23,17 @@ AdamWState stateless(const std::vector<ParamGroup>& groups) {
   return whole;
 }
 
-// This rank's generators: the CPU one (LoRA dropout draws from it): ours, else HF Trainer's
-// rng_state[_R].pth; the CUDA one: ours only (a CPU run's checkpoint has none).
+// This rank's generators: the CPU one (LoRA dropout draws from it) and, on a CUDA device, its generator:
+// ours (llava_rng_state.safetensors), else HF Trainer's rng_state[_R].pth (a CPU run's checkpoint has no
+// CUDA state: the CUDA generator then stays as seeded).
 void read_rng(const RestoreRequest& r, Restored& out) {
   out.cpu_rng = read_rng_state(r.dir, r.rank);
-  if (!out.cpu_rng) out.cpu_rng = read_hf_cpu_rng_state(r.dir, r.rank);
   if (r.cuda) out.cuda_rng = read_cuda_rng_state(r.dir, r.rank);
+  if (!out.cpu_rng || (r.cuda && !out.cuda_rng))
+    if (auto hf = read_hf_rng_state(r.dir, r.rank, r.cuda ? r.cuda_device : -1)) {
+      if (!out.cpu_rng) out.cpu_rng = hf->cpu;
+      if (!out.cuda_rng) out.cuda_rng = hf->cuda;
+    }
 }
 
 }  // namespace

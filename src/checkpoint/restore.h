@@ -33,6 +33,7 @@ struct RestoreRequest {
   std::vector<ParamGroup> groups;               // the run's optimizer groups (names, live parameters)
   int rank = 0;
   bool cuda = false;                            // the run is on a CUDA device: its generator state is read too
+  int cuda_device = -1;                         // with `cuda`: its index (HF's files hold each device's state)
 };
 
 struct Restored {
@@ -44,7 +45,7 @@ struct Restored {
   std::string ranges_where;
   std::optional<AdamWState> whole;             // groups, lrs and per-parameter state (options default)
   NamedTensors masters;                        // fp32 master weights by name (may be empty)
-  std::optional<torch::Tensor> cpu_rng, cuda_rng;  // this rank's generator states (ours, else HF's CPU one)
+  std::optional<torch::Tensor> cpu_rng, cuda_rng;  // this rank's generator states (ours, else HF's)
 };
 
 // Checks the checkpoint against the run (another model or an incompatible run: a llava::Error naming the

@@ -9,7 +9,7 @@
 //   zero_shards/rank_<R>_of_<N>.safetensors   under ZeRO 1/2: rank R's optimizer state by parameter range
 //                                      (tensors "<kind>/<param name>/<offset>", the ranges and their steps
 //                                      in the metadata), readable by a run with any number of ranks
-// HF's rng_state_<R>.pth hold Python/NumPy states we cannot produce, so we write none.
+// HF's rng_state[_<R>].pth are written beside them (checkpoint/hf_rng_state.h) for HF Trainer to resume.
 #pragma once
 #include <optional>
 #include <string>

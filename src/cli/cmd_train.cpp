@@ -60,6 +60,7 @@ int run_train(int argc, char** argv) {
                                         args["stop-after-steps"].as<int64_t>(),
                                         args["stop-after-micro-batches"].as<int64_t>()};
   llava::train::train(cfg, debug, std::cout);
+  if (const int signal_number = llava::train::stopped_by_signal()) return 128 + signal_number;
   return 0;
 }
 

@@ -37,6 +37,30 @@ static const std::vector<std::pair<std::string, c10::ScalarType>>& storage_types
 c10::impl::GenericDict new_dict() { return c10::impl::GenericDict(c10::AnyType::get(), c10::AnyType::get()); }
 c10::impl::GenericList new_list() { return c10::impl::GenericList(c10::AnyType::get()); }
 
+namespace {
+// What numpy_array() makes: carried through IValues as a capsule, which only the writer knows.
+struct NumpyArray : torch::CustomClassHolder {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::string data;
+};
+}  // namespace
+
+c10::IValue numpy_array(const std::string& dtype, const std::vector<int64_t>& shape, std::string data) {
+  static const std::set<std::string> codes = {"u1", "i1", "b1", "u2", "i2", "u4", "i4", "f4", "u8", "i8", "f8"};
+  if (!codes.count(dtype)) throw Error("numpy_array: unsupported dtype '" + dtype + "'");
+  int64_t numel = 1;
+  for (auto n : shape) numel *= n;
+  if (static_cast<int64_t>(data.size()) != numel * (dtype == "b1" ? 1 : std::stoi(dtype.substr(1))))
+    throw Error("numpy_array: " + std::to_string(data.size()) + " bytes do not hold " + std::to_string(numel) +
+                " elements of " + dtype);
+  auto array = c10::make_intrusive<NumpyArray>();
+  array->dtype = dtype;
+  array->shape = shape;
+  array->data = std::move(data);
+  return c10::IValue::make_capsule(std::move(array));
+}
+
 // ============================================================================================ writer
 
 namespace {
@@ -141,8 +165,63 @@ class Writer {
     put(op::REDUCE);
   }
 
+  // Python bytes in protocol 2: _codecs.encode(<the bytes as latin-1 text>, 'latin1'), as pickle writes them.
+  void write_bytes(const std::string& bytes) {
+    std::string latin1_as_utf8;
+    for (unsigned char c : bytes) {
+      if (c < 0x80) {
+        latin1_as_utf8.push_back(static_cast<char>(c));
+      } else {
+        latin1_as_utf8.push_back(static_cast<char>(0xc0 | (c >> 6)));
+        latin1_as_utf8.push_back(static_cast<char>(0x80 | (c & 0x3f)));
+      }
+    }
+    global("_codecs", "encode");
+    write_string(latin1_as_utf8);
+    write_string("latin1");
+    put(op::TUPLE2);
+    put(op::REDUCE);
+  }
+
+  // numpy.ndarray.__reduce__ (NumPy >= 2), opcode for opcode as pickle.dumps(array, protocol=2) writes it.
+  void write_numpy_array(const NumpyArray& a) {
+    global("numpy._core.multiarray", "_reconstruct");
+    global("numpy", "ndarray");
+    write_int(0);
+    put(op::TUPLE1);
+    write_bytes("b");
+    put(op::TUPLE3);
+    put(op::REDUCE);
+    put(op::MARK);  // __setstate__((1, shape, dtype, is_fortran, data))
+    write_int(1);
+    write_tuple(std::vector<c10::IValue>(a.shape.begin(), a.shape.end()));
+    global("numpy", "dtype");
+    write_string(a.dtype);
+    put(op::NEWFALSE);
+    put(op::NEWTRUE);
+    put(op::TUPLE3);
+    put(op::REDUCE);
+    put(op::MARK);  // the dtype's state: (3, byte order, subarray, names, fields, elsize, alignment, flags)
+    write_int(3);
+    write_string(a.dtype.back() == '1' ? "|" : "<");
+    put(op::NONE);
+    put(op::NONE);
+    put(op::NONE);
+    write_int(-1);
+    write_int(-1);
+    write_int(0);
+    put(op::TUPLE);
+    put(op::BUILD);
+    put(op::NEWFALSE);
+    write_bytes(a.data);
+    put(op::TUPLE);
+    put(op::BUILD);
+  }
+
   void write(const c10::IValue& v) {
     if (v.isNone()) return put(op::NONE);
+    if (v.isCapsule())
+      if (auto* array = dynamic_cast<const NumpyArray*>(v.toCapsule().get())) return write_numpy_array(*array);
     if (v.isBool()) return put(v.toBool() ? op::NEWTRUE : op::NEWFALSE);
     if (v.isInt()) return write_int(v.toInt());
     if (v.isDouble()) return write_float(v.toDouble());

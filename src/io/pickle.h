@@ -12,6 +12,7 @@
 //   deepspeed.utils.tensor_fragment.fragment_address -> the tuple (numel, start);
 //   numpy arrays and dtypes (numpy.ndarray, numpy.dtype, numpy[._]core.multiarray._reconstruct, with
 //   _codecs.encode for their bytes) -> None (the NumPy RNG state, which we read and ignore).
+// The writer also writes numpy arrays (numpy_array below), for the rng_state.pth files HF loads.
 #pragma once
 #include <functional>
 #include <string>
@@ -43,5 +44,12 @@ c10::IValue loads(const std::string& bytes, const std::function<torch::Tensor(co
 // Convenience builders for the values we write.
 c10::impl::GenericDict new_dict();
 c10::impl::GenericList new_list();
+
+// A numpy.ndarray, written as NumPy >= 2 pickles one (numpy._core.multiarray._reconstruct(numpy.ndarray,
+// (0,), b'b') rebuilt by BUILD with (1, shape, numpy.dtype(dtype) with its state, False, the raw bytes through
+// _codecs.encode)): the globals HF's safe_globals() lets torch.load(weights_only=True) rebuild, for the NumPy
+// state in HF's rng_state.pth. Writer only (the reader reads any numpy array as None). `dtype`: NumPy's
+// type code, e.g. "u4"; `data`: the elements' little-endian bytes, product(shape) x itemsize of them.
+c10::IValue numpy_array(const std::string& dtype, const std::vector<int64_t>& shape, std::string data);
 
 }  // namespace llava::io::pickle

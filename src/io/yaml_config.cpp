@@ -6,9 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <regex>
 #include <sstream>
 
+#include <re2/re2.h>
 #include <yaml-cpp/eventhandler.h>
 
 #include "io/file_util.h"
@@ -307,11 +307,12 @@ std::string read_regex(const YAML::Node& n) {
   if (!is_scalar(n)) throw BadValue{"a regular expression"};
   const std::string& pattern = n.Scalar();
   if (pattern.size() > 1000) throw BadValue{"a regular expression of at most 1000 characters"};
-  try {
-    std::regex compiled(pattern);
-  } catch (const std::regex_error& e) {
-    throw BadValue{std::string("a regular expression (std::regex: ") + e.what() + ")"};
-  }
+  RE2::Options options;
+  options.set_log_errors(false);
+  const RE2 compiled(pattern, options);
+  if (!compiled.ok())
+    throw BadValue{"a regular expression in RE2 syntax (Python's re without backreferences or lookaround): " +
+                   compiled.error()};
   return pattern;
 }
 

@@ -38,6 +38,20 @@ checkpoint::TrainingState::Weights weights_kind(const TrainConfig& cfg, const st
   return !lora.empty() ? W::kLora : cfg.tune_mm_mlp_adapter ? W::kProjector : W::kFull;
 }
 
+// DeepSpeed's `module` of a run without LoRA: every parameter (frozen ones too: HF Trainer has DeepSpeed load
+// a non-PEFT model's `module` strictly) and a tied lm_head under its own name, as the HF model's state_dict()
+// lists it.
+void deepspeed_module(model::LlavaForConditionalGeneration& model, checkpoint::TrainingState& s) {
+  for (auto& p : model->named_parameters()) {
+    s.deepspeed_module.emplace_back(p.key(), p.value());
+    s.deepspeed_module_frozen.push_back(!p.value().requires_grad());
+  }
+  if (model->lm_head.is_empty()) {
+    s.deepspeed_module.emplace_back("lm_head.weight", model->lm_head_weight());
+    s.deepspeed_module_frozen.push_back(true);  // staged without a snapshot: only its trip to the host
+  }
+}
+
 }  // namespace
 
 checkpoint::SaveOptions save_options(const TrainConfig& cfg, const model::LoadedModel& loaded, bool async) {
@@ -62,7 +76,7 @@ checkpoint::TrainingState training_state(const TrainConfig& cfg, model::LoadedMo
   // same decision on every rank: master_weights() is collective under ZeRO.
   const bool consolidate = checkpoint::writes_optimizer_pt(optimizer.sharded(), optimizer.layout().total_numel, cfg.bf16,
                                                           io::parse_size(cfg.consolidate_optimizer_max_size));
-  const bool deepspeed_layout = consolidate && checkpoint::writes_deepspeed_layout(!cfg.deepspeed.empty(), !lora.empty());
+  const bool deepspeed_layout = consolidate && checkpoint::writes_deepspeed_layout(!cfg.deepspeed.empty());
   if (async && !optimizer.sharded()) {
     s.whole_from_ranges = true;
   } else {
@@ -71,7 +85,11 @@ checkpoint::TrainingState training_state(const TrainConfig& cfg, model::LoadedMo
   }
   s.rng_states = gather_rng_states(comm, checkpoint::cpu_rng_state());
   const torch::Device device = loaded.model->parameters().front().device();
-  if (device.is_cuda()) s.cuda_rng_states = gather_rng_states(comm, checkpoint::cuda_rng_state(device));
+  if (device.is_cuda()) {
+    s.cuda_rng_states = gather_rng_states(comm, checkpoint::cuda_rng_state(device));
+    for (auto& index : gather_rng_states(comm, torch::tensor({static_cast<int64_t>(device.index())})))
+      s.cuda_devices.push_back(index.item<int64_t>());
+  }
   s.ranges = optimizer.local_ranges();  // views of the live state
   if (comm.rank() != 0) return s;
 
@@ -90,8 +108,11 @@ checkpoint::TrainingState training_state(const TrainConfig& cfg, model::LoadedMo
     for (auto& p : loaded.model->model->multi_modal_projector->named_parameters())
       s.weights_to_save.emplace_back("model.multi_modal_projector." + p.key(), p.value());
   }
-  if (deepspeed_layout)
+  s.seed = static_cast<uint64_t>(cfg.data.seed);
+  if (deepspeed_layout) {
     s.deepspeed = deepspeed_run(cfg, state.global_step, signature.samples_per_step, comm.world_size());
+    if (lora.empty()) deepspeed_module(loaded.model, s);
+  }
   return s;
 }
 
@@ -110,6 +131,7 @@ checkpoint::Restored restore_training_state(const std::string& dir, const TrainC
   request.groups = optimizer.groups();
   request.rank = rank;
   request.cuda = device.is_cuda();
+  request.cuda_device = device.is_cuda() ? device.index() : -1;
   auto restored = checkpoint::restore(request);
   for (auto& change : restored.changes) log << "resume: " << change << std::endl;
   if (!restored.ranges.empty()) {

@@ -1,7 +1,7 @@
 #include "train/lora.h"
 
 #include <cmath>
-#include <regex>
+#include <re2/re2.h>
 
 #include "io/error.h"
 
@@ -16,8 +16,13 @@ bool TargetModules::matches(const std::string& path) const {
   switch (kind) {
     case Kind::AllLinear: return !is_path_suffix(path, "lm_head");
     case Kind::Regex:
-      if (!compiled_) compiled_ = std::make_shared<const std::regex>(regex);
-      return std::regex_match(path, *compiled_);
+      if (!compiled_) {
+        RE2::Options options;
+        options.set_log_errors(false);
+        compiled_ = std::make_shared<const RE2>(regex, options);
+        if (!compiled_->ok()) throw Error("LoRA target_modules: not a regular expression RE2 accepts: " + compiled_->error());
+      }
+      return RE2::FullMatch(path, *compiled_);
     case Kind::Suffixes:
       for (auto& s : suffixes)
         if (is_path_suffix(path, s)) return true;

@@ -4,7 +4,6 @@
 #pragma once
 #include <map>
 #include <memory>
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -14,10 +13,14 @@
 #include "model/linear.h"
 #include "model/llava.h"
 
+namespace re2 {
+class RE2;
+}
+
 namespace llava::train {
 
 // PEFT's target_modules: a list of module-name suffixes, "all-linear", or a regex that must match the
-// whole module path.
+// whole module path (PEFT's re.fullmatch; matched with RE2, in time linear in the path's length).
 struct TargetModules {
   enum class Kind { Suffixes, AllLinear, Regex } kind = Kind::Suffixes;
   std::vector<std::string> suffixes;
@@ -26,7 +29,7 @@ struct TargetModules {
   bool matches(const std::string& module_path) const;
 
  private:
-  mutable std::shared_ptr<const std::regex> compiled_;  // `regex` (set before the first match), compiled once
+  mutable std::shared_ptr<const re2::RE2> compiled_;  // `regex` (set before the first match), compiled once
 };
 
 // LLaVA's default LoRA targets (find_all_linear_names): every Linear of the language model, lm_head aside.

@@ -102,8 +102,8 @@ std::string Progress::bar(const StepProgress& s, double now) const {
     text += "?, ?it/s";
   }
   // What matters most first: a narrow terminal cuts the end.
-  text += ", loss=" + format_number(s.loss) + ", lr=" + format_number(s.learning_rate) +
-          ", grad_norm=" + format_number(s.grad_norm) + ", " +
+  auto known = [](const std::optional<double>& x) { return x ? format_number(*x) : std::string("?"); };
+  text += ", loss=" + known(s.loss) + ", lr=" + format_number(s.learning_rate) + ", grad_norm=" + known(s.grad_norm) + ", " +
           (rate > 0 ? printf_string("%.2f", samples_seen_ / elapsed) : std::string("?")) + " samples/s]";
   return text;
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
+#include <optional>
 #include <string>
 
 namespace llava::train {
@@ -17,9 +18,10 @@ namespace llava::train {
 struct StepProgress {
   int64_t step = 0;         // 1-based index of the step just done
   int64_t total_steps = 0;  // max_steps
-  double loss = 0;
+  std::optional<double> loss;  // the last logged line's: the trainer reads the loss back only to log it
   double learning_rate = 0;
-  double grad_norm = 0;
+  std::optional<double> grad_norm;  // the last logged line's; unknown (before the first line): "?"
+
   int64_t samples = 0;      // samples this step consumed, summed over ranks
 };
 

@@ -255,17 +255,18 @@ std::vector<bool> ShardedAdamW::params_with_grad() {
   auto flags = torch::zeros({static_cast<int64_t>(params_.size())}, torch::kFloat32);
   for (size_t i = 0; i < params_.size(); ++i)
     if (params_[i].grad().defined() || got_grad_[i]) flags[i] = 1.0f;
-  if (comm_.world_size() > 1) {
+  if (comm_.world_size() > 1) {  // which tensors AdamW skips must be known here: one small read per step
     flags = flags.to(device_);
     comm_.allreduce(flags, dist::Reduce::Sum);
     flags = flags.cpu();
+    ++host_reads_;
   }
   std::vector<bool> out(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) out[i] = flags[i].item<float>() > 0;
   return out;
 }
 
-double ShardedAdamW::reduce_gradients() {
+torch::Tensor ShardedAdamW::reduce_gradients() {
   torch::NoGradGuard no_grad;
   if (sharded_ && zero_stage_ == 1) {
     reduce_remaining_buckets();
@@ -307,16 +308,17 @@ double ShardedAdamW::reduce_gradients() {
     comm_.allreduce(squares, dist::Reduce::Sum);
     grad_norm_ = squares.sqrt().reshape({}).to(torch::kFloat32);
   }
-  return grad_norm_.item<double>();
+  return grad_norm_;
 }
 
 // AdamW on this rank's pieces, one gradient chunk at a time (in fp32: bf16 chunks are copied to fp32
 // one by one, so the fp32 gradient is never whole).
 void ShardedAdamW::update(double max_norm, double lr_factor) {
   torch::NoGradGuard no_grad;
-  torch::Tensor coef;  // clipping, as clip_grad_norm_: max_norm / (norm + 1e-6), at most 1
+  // Clipping as clip_grad_norm_: max_norm / (norm + 1e-6), at most 1, on the device and multiplied in
+  // whatever its value (a multiply by 1 changes no bit, and deciding to skip it would read the norm back).
+  torch::Tensor coef;
   if (max_norm > 0) coef = torch::clamp(max_norm / (grad_norm_ + 1e-6), c10::nullopt, 1.0);
-  if (coef.defined() && coef.item<float>() >= 1.0f) coef = torch::Tensor();  // a multiply by 1 changes no bit
   inner_->set_lr_factor(lr_factor);
   for (auto& g : groups_) g.lr = g.base_lr * lr_factor;
   for (size_t k = 0; k < pieces_.size(); ++k) {

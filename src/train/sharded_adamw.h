@@ -74,9 +74,12 @@ class ShardedAdamW {
   void finish_micro_batch();
 
   // After the window's backward passes: sums the gradients over ranks into this rank's pieces and
-  // returns their global norm (HF's grad_norm). Then either update() or discard().
-  double reduce_gradients();
-  // Clips to max_norm (<= 0: no clipping), updates with lr = base_lr * lr_factor, gathers the parameters.
+  // returns their global norm (HF's grad_norm) as a 0-d fp32 tensor on the parameters' device, not read
+  // back (the caller reads it when it logs). Then either update() or discard().
+  torch::Tensor reduce_gradients();
+  // Clips to max_norm (<= 0: no clipping) with a coefficient computed on the device, as clip_grad_norm_
+  // (min(max_norm / (norm + 1e-6), 1), multiplied in even when it is 1: no host read), updates with
+  // lr = base_lr * lr_factor, gathers the parameters.
   void update(double max_norm, double lr_factor);
   void discard();    // drops the reduced gradients (a skipped step)
   void zero_grad();  // drops the model parameters' gradients
@@ -106,6 +109,9 @@ class ShardedAdamW {
   const std::vector<ParamGroup>& groups() const { return groups_; }
   const AdamWOptions& options() const { return options_; }
   int zero_stage() const { return zero_stage_; }
+  // Reads of device values by the host so far (each one waits for the device): only the multi-rank
+  // exchange of which parameters got a gradient (see params_with_grad). Tests count them.
+  int64_t host_reads() const { return host_reads_; }
 
  private:
   // A piece of one parameter inside this rank's shard; `master` is what AdamW updates.
@@ -176,6 +182,7 @@ class ShardedAdamW {
   bool bucket_order_fixed_ = false;
   std::vector<std::unique_ptr<GradAccumulatedHook>> hooks_;
   MemoryUsage peak_memory_;
+  int64_t host_reads_ = 0;
 };
 
 }  // namespace llava::train

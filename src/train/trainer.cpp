@@ -34,6 +34,7 @@
 #include "train/progress.h"
 #include "train/schedule.h"
 #include "train/sharded_adamw.h"
+#include "train/step_values.h"
 #include "train/watchdog.h"
 
 namespace llava::train {
@@ -175,11 +176,17 @@ void load_peft_adapters(model::LlavaForConditionalGeneration& model, const std::
 volatile std::sig_atomic_t g_interrupt_signal = 0;
 extern "C" void note_interrupt(int signal_number) { g_interrupt_signal = signal_number; }
 
-// True on every rank once any rank got the signal (one tiny all-reduce per step).
-bool interrupt_requested(dist::Communicator& comm) {
-  auto flag = torch::full({1}, g_interrupt_signal != 0 ? 1.0f : 0.0f);
-  allreduce_sum(comm, flag);
-  return flag.item<float>() > 0;
+// True on every rank once any rank got the signal (with several ranks one tiny all-reduce per step, read
+// back: save_on_interrupt costs that read). The signal is then recorded on every rank, so each exits
+// 128 + its number: the run stopped before its end.
+bool interrupt_requested(dist::Communicator& comm, HostReads& reads, int64_t step) {
+  if (comm.world_size() == 1) return g_interrupt_signal != 0;
+  auto signal_numbers =
+      torch::full({1}, static_cast<float>(g_interrupt_signal), torch::TensorOptions().device(comm.device()));
+  comm.allreduce(signal_numbers, dist::Reduce::Sum);
+  if (reads.read(signal_numbers, step).item<float>() == 0) return false;
+  if (g_interrupt_signal == 0) g_interrupt_signal = SIGTERM;  // a peer's signal (several may differ)
+  return true;
 }
 
 // What the run is, for the resume check (see resume_state.h).
@@ -209,15 +216,18 @@ int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
 // lm_head runs only at the scored positions (image rows and the prompt have labels -100), which is
 // the same loss as HF's over all logits without the [B,T,V] logits.
 // `batch` is on the host (its token count is read there, without waiting for the device); `on_device` the
-// same batch where the model is.
+// same batch where the model is. `window_tokens`: 0-d fp64 on the device, never read by the host.
 torch::Tensor micro_batch_loss(model::LlavaForConditionalGeneration& model, const data::Batch& batch,
-                               const data::Batch& on_device, int64_t window_tokens) {
+                               const data::Batch& on_device, const torch::Tensor& window_tokens) {
   const bool has_pixels = batch.pixel_values.defined() && batch.pixel_values.size(0) > 0;
   auto loss = model::scored_causal_lm_loss(model, on_device.input_ids, on_device.attention_mask,
                                            has_pixels ? on_device.pixel_values : torch::Tensor(), on_device.labels);
   const int64_t n = scored_tokens(batch.labels);
   if (n == 0) return loss;  // 0 that keeps the graph; contributes nothing
-  return loss * (static_cast<double>(n) / window_tokens);
+  // n / tokens in fp64, then the fp32 multiply: bitwise what `loss * (double(n) / tokens)` on the host gives.
+  // Where the count is (the communicator's device); a 0-d CPU tensor (Gloo) multiplies a CUDA loss as a scalar.
+  auto share = torch::full({}, static_cast<double>(n), window_tokens.options()) / window_tokens.clamp_min(1);
+  return loss * share.to(torch::kFloat32);
 }
 
 // The HF log line: {'loss': ..., 'grad_norm': ..., 'learning_rate': ..., 'epoch': ...}
@@ -247,7 +257,8 @@ std::vector<RankMemory> gather_memory(const ShardedAdamW& optimizer, dist::Commu
 
 void write_metrics(const std::string& path, const std::vector<StepMetrics>& history,
                    const std::vector<Trainable>& trainables, const ShardedAdamW& optimizer,
-                   const std::vector<RankMemory>& memory, const std::vector<checkpoint::SaveTiming>& saves) {
+                   const std::vector<RankMemory>& memory, const std::vector<checkpoint::SaveTiming>& saves,
+                   const HostReads& host_reads) {
   nlohmann::json steps = nlohmann::json::array();
   for (auto& m : history)
     steps.push_back({{"step", m.step}, {"loss", m.loss}, {"grad_norm", m.grad_norm},
@@ -279,7 +290,10 @@ void write_metrics(const std::string& path, const std::vector<StepMetrics>& hist
   for (auto& t : saves)
     save_times.push_back({{"step", t.step}, {"waited_seconds", t.waited_seconds}, {"blocked_seconds", t.blocked_seconds},
                           {"write_seconds", t.write_seconds}, {"update_waited_seconds", t.update_waited_seconds}});
-  io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}, {"zero", zero}, {"saves", save_times}}
+  nlohmann::json reads = nlohmann::json::array();  // rank 0's reads of device values, by step (step_values.h)
+  for (auto& [step, n] : host_reads.per_step()) reads.push_back({{"step", step}, {"reads", n}});
+  io::write_file_atomic(path, nlohmann::json{{"steps", steps}, {"trainable", names}, {"zero", zero},
+                                             {"saves", save_times}, {"host_reads", reads}}
                                   .dump(1) + "\n");
 }
 
@@ -390,8 +404,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
       << (cfg.bf16 ? "bf16" : "fp32") << "); trainable parameters: " << trainable_count << " of " << total_count
       << (lora.empty() ? "" : ", LoRA on " + std::to_string(lora.size()) + " Linear modules") << std::endl;
 
-  std::vector<StepMetrics> history;
-  double logged_loss = 0;        // sum of step losses since the last log line
+  double logged_loss = 0;        // sum of step losses since the last log line (as last read back)
   int64_t last_logged_step = 0;  // HF Trainer's _globalstep_last_logged: a log line averages over the steps since
   checkpoint::TrainerState state;
   state.max_steps = max_steps;
@@ -424,6 +437,24 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     }
     log << "resuming from " << resume << " at step " << step << std::endl;
   }
+  // Loss and grad_norm stay on the device; they come back at log lines, saves and the end (step_values.h).
+  HostReads host_reads;
+  StepValues values(device, logged_loss, host_reads);
+  auto& history = values.history();
+  int64_t optimizer_reads = 0;  // optimizer.host_reads() already counted
+  std::optional<torch::Tensor> tokens_seen;  // several ranks: scored tokens of every window so far, summed
+  // Without skip_nonfinite_steps a NaN/Inf step is found where its values come back (not in the step that
+  // made it): the run stops there, before any save holds the weights that step updated.
+  auto read_back_values = [&](int64_t at_step) {
+    const auto bad = values.read_back(at_step);
+    logged_loss = values.loss_since_log();
+    if (bad && !cfg.skip_nonfinite_steps)
+      throw Error("step " + std::to_string(bad->step) + ": loss " + format_float(bad->loss) + ", grad_norm " +
+                  format_float(bad->grad_norm) + ": not finite; stopping at step " + std::to_string(at_step) +
+                  " (read back at log lines and saves: no checkpoint holds an update of step " +
+                  std::to_string(bad->step) + " or later; set skip_nonfinite_steps: true to skip such steps)");
+  };
+  std::optional<double> shown_loss, shown_grad_norm;  // the progress bar's: the last log line's
   const int64_t first_epoch = step / steps_per_epoch, first_window = step % steps_per_epoch;
   // Rank 0 on a terminal: a bar redrawn in place, log lines above it; otherwise the log lines only.
   Progress progress(log, is_main && is_terminal(main_log), Progress::steady_seconds, terminal_columns(main_log));
@@ -433,6 +464,23 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   int64_t samples_drawn = 0;  // this rank's, for the masked-sample summary
   bool scored_any = false;  // any scored token yet in this run
   const int64_t first_step = step;
+  // An epoch (or the whole run) without one token to learn: the data is at fault. A rank that scored tokens
+  // knows there were some; one that did not reads the global count, once, when the check is due.
+  auto check_tokens_scored = [&](int64_t done, int64_t local_tokens, const torch::Tensor& window_tokens) {
+    scored_any = scored_any || local_tokens > 0;
+    if (scored_any) return;
+    if (comm.world_size() > 1) tokens_seen = tokens_seen ? *tokens_seen + window_tokens : window_tokens.clone();
+    if (!(done - first_step + 1 >= steps_per_epoch || done + 1 >= max_steps)) return;
+    if (comm.world_size() > 1 && host_reads.read(*tokens_seen, done + 1).item<double>() > 0) {
+      scored_any = true;
+      return;
+    }
+    std::string files;
+    for (auto& f : cfg.data.data_path) files += (files.empty() ? "" : ", ") + f;
+    throw Error(files + ": no record in a whole epoch has a token to learn (every label is "
+                "masked: answers missing, or cut off by model_max_length " +
+                std::to_string(cfg.data.model_max_length) + ")");
+  };
   if (cfg.save_on_interrupt) {
     std::signal(SIGTERM, note_interrupt);
     std::signal(SIGINT, note_interrupt);
@@ -466,84 +514,100 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
           samples_drawn += b.input_ids.size(0);
           for (auto& line : masked_samples.note(b)) progress.log(line);
         }
-        // The loss is the mean over every scored token of the global window, so ranks agree on its count.
-        auto window_tokens = torch::zeros({1}, torch::kFloat64);
-        for (auto& b : micro_batches) window_tokens += static_cast<double>(scored_tokens(b.labels));
+        // The loss is the mean over every scored token of the global window, so ranks agree on its count:
+        // this rank's count is known on the host; the global one is summed on the communicator's device
+        // and used there (no read back).
+        int64_t local_tokens = 0;
+        for (auto& b : micro_batches) local_tokens += scored_tokens(b.labels);
+        auto window_tokens = torch::full({1}, static_cast<double>(local_tokens),
+                                         torch::TensorOptions().dtype(torch::kFloat64).device(comm.device()));
         watchdog.enter(Phase::collective);
         allreduce_sum(comm, window_tokens);
-        const auto tokens = std::max<int64_t>(static_cast<int64_t>(window_tokens.item<double>()), 1);
-        scored_any = scored_any || window_tokens.item<double>() > 0;
-        if (!scored_any && (step - first_step + 1 >= steps_per_epoch || step + 1 >= max_steps)) {
-          std::string files;  // an epoch (or the whole run) without one token to learn: the data is at fault
-          for (auto& f : cfg.data.data_path) files += (files.empty() ? "" : ", ") + f;
-          throw Error(files + ": no record in a whole epoch has a token to learn (every label is "
-                      "masked: answers missing, or cut off by model_max_length " +
-                      std::to_string(cfg.data.model_max_length) + ")");
-        }
+        window_tokens = window_tokens.reshape({});
+        check_tokens_scored(step, local_tokens, window_tokens);
 
         // The window's batches go to the device at once: the copies run while the first forward starts.
         std::vector<data::Batch> on_device;
         for (auto& b : micro_batches) on_device.push_back(batch_on_device(b, device));
-        // Summed where the losses are, read back once per step (the NaN/Inf policy and the log need it).
+        // Summed where the losses are, and there it stays (the log and saves read it back).
         auto loss_sum = torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(device));
         for (size_t i = 0; i < micro_batches.size(); ++i) {
           watchdog.enter(Phase::forward);
-          auto l = micro_batch_loss(model, micro_batches[i], on_device[i], tokens);
+          auto l = micro_batch_loss(model, micro_batches[i], on_device[i], window_tokens);
           watchdog.enter(Phase::backward);
           if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
           optimizer.finish_micro_batch();       // every rank (ZeRO 2: the buckets its backward did not reduce)
           loss_sum += l.detach().to(torch::kFloat64);
-          if (++micro_batches_run == debug.stop_after_micro_batches) return history;  // as if killed here
+          if (++micro_batches_run == debug.stop_after_micro_batches) {  // as if killed here
+            read_back_values(step);
+            return history;
+          }
         }
         watchdog.enter(Phase::collective);
         allreduce_sum(comm, loss_sum);
-        const double loss = loss_sum.item<double>();
         batches_seen += static_cast<int64_t>(micro_batches.size());
 
-        const double grad_norm = optimizer.reduce_gradients();  // the same on every rank
+        const torch::Tensor grad_norm = optimizer.reduce_gradients();  // the same on every rank, on the device
         const double factor = schedule.factor(step);
-        if (std::isfinite(loss) && std::isfinite(grad_norm)) {
+        StepMetrics m{step + 1, 0, 0, cfg.learning_rate * factor,
+                      epoch + static_cast<double>(batches_seen) / batches_per_epoch};
+        if (!cfg.skip_nonfinite_steps) {  // a NaN/Inf step stops the run where its values are read back
           saver.before_update();  // an async save reading the parameters and moments in place ends first
           optimizer.update(cfg.max_grad_norm, factor);
-        } else if (cfg.skip_nonfinite_steps) {
-          optimizer.discard();
-          progress.log("step " + std::to_string(step + 1) + ": loss " + format_float(loss) + ", grad_norm " +
-                       format_float(grad_norm) + ": update skipped (" + std::to_string(++skipped_steps) +
-                       " skipped so far; skip_nonfinite_steps: true)");
-        } else {
-          throw Error("step " + std::to_string(step + 1) + ": loss " + format_float(loss) + ", grad_norm " +
-                      format_float(grad_norm) + ": stopping before the update (nothing was saved from this step; "
-                      "set skip_nonfinite_steps: true to skip such steps)");
+          values.add(m, loss_sum, grad_norm);
+        } else {  // skipping must be decided before the update: the one read per step this option costs
+          m = values.add_and_read(m, loss_sum, grad_norm);
+          if (std::isfinite(m.loss) && std::isfinite(m.grad_norm)) {
+            saver.before_update();
+            optimizer.update(cfg.max_grad_norm, factor);
+          } else {
+            optimizer.discard();
+            progress.log("step " + std::to_string(m.step) + ": loss " + format_float(m.loss) + ", grad_norm " +
+                         format_float(m.grad_norm) + ": update skipped (" + std::to_string(++skipped_steps) +
+                         " skipped so far; skip_nonfinite_steps: true)");
+          }
         }
         ++step;
+        host_reads.count(step, optimizer.host_reads() - optimizer_reads);
+        optimizer_reads = optimizer.host_reads();
         watchdog.step_done(step);
 
-        StepMetrics m{step, loss, grad_norm, cfg.learning_rate * factor,
-                      epoch + static_cast<double>(batches_seen) / batches_per_epoch};
-        history.push_back(m);
         int64_t samples = 0;  // this rank's; every rank takes equal batches
         for (auto& b : micro_batches) samples += b.input_ids.size(0);
-        progress.update({step, max_steps, loss, m.learning_rate, m.grad_norm, samples * comm.world_size()});
-        logged_loss += loss;
         state.global_step = step;
         state.epoch = m.epoch;
-        if (cfg.logging_steps > 0 && step % cfg.logging_steps == 0) {
+        const bool log_now = cfg.logging_steps > 0 && step % cfg.logging_steps == 0;
+        if (log_now || values.pending_full()) read_back_values(step);
+        double mean_loss = 0;
+        if (log_now) {
           // HF Trainer's _maybe_log_save_evaluate: the mean over the steps since the last line (fewer than
           // logging_steps after a resume from a checkpoint that did not carry the line in progress); grad_norm
           // and learning_rate are this step's.
-          const double mean_loss = logged_loss / static_cast<double>(step - last_logged_step);
-          progress.log(log_line(mean_loss, m.grad_norm, m.learning_rate, m.epoch));
-          state.log_history.push_back({{"loss", mean_loss}, {"grad_norm", m.grad_norm},
+          mean_loss = logged_loss / static_cast<double>(step - last_logged_step);
+          shown_loss = mean_loss;
+          shown_grad_norm = history.back().grad_norm;
+        }
+        progress.update({step, max_steps, shown_loss, m.learning_rate, shown_grad_norm, samples * comm.world_size()});
+        if (log_now) {
+          progress.log(log_line(mean_loss, *shown_grad_norm, m.learning_rate, m.epoch));
+          state.log_history.push_back({{"loss", mean_loss}, {"grad_norm", *shown_grad_norm},
                                        {"learning_rate", m.learning_rate}, {"epoch", m.epoch}, {"step", step}});
+          values.start_log_line();
           logged_loss = 0;
           last_logged_step = step;
         }
         watchdog.enter(Phase::save);
         saver.check();  // a background save that failed ends the run here, on every rank
-        if (save_every && step % cfg.save_steps == 0) save();
+        if (save_every && step % cfg.save_steps == 0) {
+          read_back_values(step);  // the line in progress goes into the checkpoint; a NaN/Inf step stops here
+          save();
+        }
         if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
-        if (cfg.save_on_interrupt && interrupt_requested(comm)) {
-          if (!(save_every && step % cfg.save_steps == 0)) save();
+        if (cfg.save_on_interrupt && interrupt_requested(comm, host_reads, step)) {
+          if (!(save_every && step % cfg.save_steps == 0)) {
+            read_back_values(step);
+            save();
+          }
           saver.finish();
           progress.log("interrupted by a signal: saved checkpoint-" + std::to_string(step) + ", stopping");
           stopped = true;
@@ -555,6 +619,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
                 e.what_without_backtrace());
   }
 
+  read_back_values(step);  // the steps since the last read (a no-op when the last step logged)
   progress.finish();
   auto masked_counts = torch::tensor({static_cast<double>(masked_samples.masked_drawn()), static_cast<double>(samples_drawn)},
                                      torch::kFloat64);
@@ -569,7 +634,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   saver.finish();
   if (!debug.metrics_out.empty()) {
     const auto memory = gather_memory(optimizer, comm);
-    if (is_main) write_metrics(debug.metrics_out, history, trainables, optimizer, memory, saver.timings());
+    if (is_main) write_metrics(debug.metrics_out, history, trainables, optimizer, memory, saver.timings(), host_reads);
   }
   if (!debug.save_trainables.empty()) {  // rank 0 at the path, rank R > 0 at path.rank<R>
     io::NamedTensors out;
@@ -578,6 +643,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   }
   return history;
 }
+
+int stopped_by_signal() { return g_interrupt_signal; }
 
 data::ImageTokens image_tokens_for(const model::LlavaConfig& c) {
   return {c.image_token_index, c.image_seq_length()};

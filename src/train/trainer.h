@@ -35,6 +35,11 @@ struct StepMetrics {
 // Runs the whole training described by `cfg`; log lines go to `log`. Returns every step's metrics.
 std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& debug, std::ostream& log);
 
+// After train() returned: the signal that made it save and stop early (save_on_interrupt), or 0. The
+// command exits 128 + it, as a process killed by the signal would, so that a launcher or a shell loop
+// restarts the unfinished run instead of taking it for done.
+int stopped_by_signal();
+
 // How an image appears in the input_ids the model takes: one image-token slot per vision feature row
 // (image_token_index for llava-hf configs, LLaVA's -200 for original ones; the model fills the slots).
 data::ImageTokens image_tokens_for(const model::LlavaConfig& c);

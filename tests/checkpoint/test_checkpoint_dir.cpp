@@ -8,18 +8,14 @@
 #include "checkpoint/checkpoint_dir.h"
 #include "io/error.h"
 #include "io/file_util.h"
+#include "io/test_helpers.h"
 
 using namespace llava;
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string fresh_dir(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("llava-ckpt-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir.string();
-}
+std::string fresh_dir(const std::string& name) { return test::temp_dir("ckpt-" + name); }
 
 void save(const std::string& out, int64_t step, const std::string& text) {
   checkpoint::PendingCheckpoint pending(out, step);

@@ -11,7 +11,8 @@ With LoRA dropout 0.1 our 2-rank continuation draws DeepSpeed's masks (each rank
 rng_state_R.pth; losses within 1e-5). bf16 (bf16_zero_pp_rank_R files): fp32 masters and moments carry over
 bit for bit, losses follow within 1e-3 (bf16 forwards round differently).
 The other way: with `deepspeed:` in our YAML our 2-rank checkpoint-K carries DeepSpeed's layout, and HF Trainer
-+ DeepSpeed on 2 ranks continues it with our uninterrupted run's losses (1e-5), reporting no missing state.
++ DeepSpeed on 2 ranks continues it with our uninterrupted run's losses (1e-5), reporting no missing state: LoRA
+(fp32 and bf16), stage 1 and a full fine-tune (DeepSpeed loads their `module` strictly).
 Broken DeepSpeed files (a pickle naming another global, a truncated partition, a missing rank file, partitions
 that contradict param_shapes, a truncated file) end with one error line naming the file, nothing written.
 
@@ -289,22 +290,40 @@ def test_stage1_projector_only_deepspeed_checkpoint(world):
     assert max(rel(o["loss"], d["loss"]) for o, d in zip(metrics["steps"], log["steps"][K:])) <= 1e-5
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_hf_trainer_deepspeed_continues_our_checkpoint(world, bf16):
+OUR_RUNS = {  # what our checkpoint trains: (our YAML settings, deepspeed_run's flags, our own weights file)
+    "lora": ({}, {}, "non_lora_trainables.bin"),
+    "stage1": ({"lora_enable": False, "tune_mm_mlp_adapter": True}, {"stage1": True}, "mm_projector.bin"),
+    "full": ({"lora_enable": False}, {"full": True}, "model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("kind, bf16", [("lora", False), ("lora", True), ("stage1", False), ("full", False)],
+                         ids=["lora-fp32", "lora-bf16", "stage1", "full"])
+def test_hf_trainer_deepspeed_continues_our_checkpoint(world, kind, bf16):
     """`deepspeed: ds.json` in our YAML: our 2-rank ZeRO-2 checkpoint-K also carries DeepSpeed's layout, and
     HF Trainer + DeepSpeed on 2 ranks continues it: its losses for K+1..M are our uninterrupted run's (fp32:
-    1e-5; bf16: 1e-3, bf16 forwards round differently), and neither it nor DeepSpeed reports missing state."""
-    name = "ours_ds_bf16" if bf16 else "ours_ds"
+    1e-5; bf16: 1e-3, bf16 forwards round differently), and neither it nor DeepSpeed reports missing state.
+    LoRA (PEFT: `module` holds the trained tensors), stage 1 (the projector alone) and a full fine-tune (no
+    PEFT: DeepSpeed loads `module` strictly, so it holds every parameter, frozen ones too, by the HF model's
+    names)."""
+    settings, ds_flags, weights_file = OUR_RUNS[kind]
+    name = f"ours_ds_{kind}" + ("_bf16" if bf16 else "")
     ds_config = world["root"] / f"{name}.json"
     ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
                                      "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
                                      **({"bf16": {"enabled": "auto"}} if bf16 else {})}))
-    _, metrics = train(world, name, 2, {"max_steps": M, "save_steps": K, "deepspeed": str(ds_config), "bf16": bf16})
+    _, metrics = train(world, name, 2, {"max_steps": M, "save_steps": K, "deepspeed": str(ds_config), "bf16": bf16,
+                                        **settings})
     ckpt = world["root"] / name / f"checkpoint-{K}"
     assert (ckpt / "latest").read_text() == f"global_step{K}"
     assert sorted(p.name for p in (ckpt / f"global_step{K}").glob("*optim_states.pt")) == [
         f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
-    assert {"optimizer.pt", "non_lora_trainables.bin"} <= {p.name for p in ckpt.iterdir()}  # ours as before
+    assert {"optimizer.pt", weights_file} <= {p.name for p in ckpt.iterdir()}  # ours as before
+    module = torch.load(ckpt / f"global_step{K}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    if kind != "lora":  # every tensor of the HF model's state_dict(), as named there, with its shape
+        hf_state = world["model"].state_dict()
+        assert sorted(module) == sorted(hf_state)
+        assert all(module[n].shape == hf_state[n].shape for n in module)
     # What DeepSpeed reads is what we trained: the Python mapping of the layout equals our optimizer.pt.
     ds = deepspeed_state(ckpt)
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
@@ -316,9 +335,10 @@ def test_hf_trainer_deepspeed_continues_our_checkpoint(world, bf16):
     resume_dir = world["root"] / f"hf_from_{name}"
     resume_dir.mkdir()
     shutil.copytree(ckpt, resume_dir / f"checkpoint-{K}")
-    _, log = deepspeed_run(world, f"hf_from_{name}", 2, M, 100, bf16=bf16, resume=resume_dir / f"checkpoint-{K}")
+    _, log = deepspeed_run(world, f"hf_from_{name}", 2, M, 100, bf16=bf16, resume=resume_dir / f"checkpoint-{K}",
+                           **ds_flags)
     hf = [s for s in log["steps"] if s["step"] > K]
-    print(f"\nHF Trainer + DeepSpeed (2 ranks, {'bf16' if bf16 else 'fp32'}) continued our checkpoint-{K}: "
+    print(f"\nHF Trainer + DeepSpeed (2 ranks, {kind}, {'bf16' if bf16 else 'fp32'}) continued our checkpoint-{K}: "
           "step, loss HF/ours")
     for h, o in zip(hf, metrics["steps"][K:]):
         print(f"  {h['step']}: {h['loss']:.9g}/{o['loss']:.9g}")

@@ -89,7 +89,7 @@ TEST_CASE("save then restore gives the projector, the optimizer state, the next 
   }
   const std::string dir = out + "/checkpoint-7";
   CHECK(files_in(dir) == std::set<std::string>{"mm_projector.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json",
-                                               "llava_resume.json", "llava_rng_state.safetensors"});
+                                               "llava_resume.json", "llava_rng_state.safetensors", "rng_state.pth"});
 
   torch::manual_seed(123);  // another generator state, other weights
   {
@@ -120,6 +120,13 @@ TEST_CASE("save then restore gives the projector, the optimizer state, the next 
   REQUIRE(restored.cpu_rng.has_value());
   CHECK(restored.cpu_rng->equal(rng_before));
   CHECK_FALSE(restored.cuda_rng.has_value());
+
+  // Without our generator file the state comes from HF's rng_state.pth, written beside it.
+  std::filesystem::remove(dir + "/llava_rng_state.safetensors");
+  const auto from_hf = checkpoint::restore(request);
+  REQUIRE(from_hf.cpu_rng.has_value());
+  CHECK(from_hf.cpu_rng->equal(rng_before));
+  CHECK_FALSE(from_hf.cuda_rng.has_value());
 
   request.now.samples_per_step = 8;  // another run: refused, naming the difference
   CHECK_THROWS_WITH(checkpoint::restore(request), Catch::Contains("cannot resume") && Catch::Contains("8"));

@@ -190,6 +190,53 @@ def test_zip_with_missing_record_and_forbidden_globals(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def set_declared_size(path, record_suffix, size, zip64):
+    """Rewrites the central directory so that one record declares `size` bytes: in its 32-bit fields, or
+    (zip64) with those saturated and the size in a zip64 extra field, as writers of files > 4 GiB do."""
+    data = path.read_bytes()
+    eocd = data.rindex(b"PK\x05\x06")
+    cd_size, cd_offset = struct.unpack_from("<II", data, eocd + 12)
+    entries, at = [], cd_offset
+    while at < cd_offset + cd_size:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, at + 28)
+        entry = bytearray(data[at:at + 46 + name_len + extra_len + comment_len])
+        name = bytes(entry[46:46 + name_len]).decode()
+        if name.endswith(record_suffix):
+            if zip64:
+                struct.pack_into("<II", entry, 20, 0xFFFFFFFF, 0xFFFFFFFF)
+                extra = struct.pack("<HHQQ", 1, 16, size, size)
+                entry[46 + name_len:46 + name_len] = extra
+                struct.pack_into("<H", entry, 30, extra_len + len(extra))
+            else:
+                struct.pack_into("<II", entry, 20, size, size)
+        entries.append(bytes(entry))
+        at += 46 + name_len + extra_len + comment_len
+    directory = b"".join(entries)
+    end = bytearray(data[eocd:])
+    struct.pack_into("<I", end, 12, len(directory))
+    path.write_bytes(data[:cd_offset] + directory + bytes(end))
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+@pytest.mark.parametrize("record", ["data.pkl", "version", "data/0"])
+def test_records_declaring_more_bytes_than_the_file_are_refused_before_reading(tmp_path, record, zip64):
+    # libtorch's reader allocated a record at its declared size before any check (fuzz_torch_archive:
+    # malloc(4294967295)); every declared size is now checked against the file first.
+    w = torch.randn(3)
+    torch.save({"w": w}, tmp_path / "ok.pt")
+    path = tmp_path / "liar.pt"
+    path.write_bytes((tmp_path / "ok.pt").read_bytes())
+    true_size = next(i.file_size for i in zipfile.ZipFile(path).infolist() if i.filename.endswith(record))
+    if zip64:  # the true size in a zip64 field: still read, and read right
+        set_declared_size(path, record, true_size, zip64=True)
+        run([binary("LLAVA_IO_TOOL"), "pt-copy", path, tmp_path / "copy.pt"])
+        assert bits_equal(torch.load(tmp_path / "copy.pt", weights_only=True)["w"], w)
+    size = (1 << 40) if zip64 else 0xFFFFFFF0
+    set_declared_size(path, record, size, zip64)
+    assert_clear_error(run([binary(), "inspect", path], check=False), "liar.pt",
+                       f"declares {size} bytes, more than the whole file")
+
+
 def test_inspect_lists_tensors_of_every_kind_of_path(tmp_path):
     save_file({"a.weight": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}, str(tmp_path / "m.safetensors"))
     out = run([binary(), "inspect", tmp_path / "m.safetensors"]).stdout

@@ -127,6 +127,25 @@ TEST_CASE("files made by DeepSpeed's real classes and a NumPy RNG state read as 
   CHECK(error_of([&] { io::load_pt(dir + "hf_rng_state.pt"); }).find("forbidden global") != std::string::npos);
 }
 
+TEST_CASE("numpy arrays are written with NumPy's globals, read back as None, and must hold their elements") {
+  // HF's rng_state.pth loads them in Python (tests/checkpoint/test_hf_rng_state.py); here: the writer's side.
+  auto dir = test::temp_dir("pt-numpy");
+  std::string bytes;
+  for (int i = 0; i < 8; ++i) bytes.push_back(static_cast<char>(i * 37));  // bytes >= 0x80 too (latin-1)
+  auto root = io::pickle::new_dict();
+  root.insert("numpy", c10::ivalue::Tuple::create({std::string("MT19937"), io::pickle::numpy_array("u4", {2}, bytes),
+                                                   int64_t(624)}));
+  io::save_pt(dir + "/rng.pth", root);
+  auto back = io::load_pt(dir + "/rng.pth", io::pickle::Globals::kDeepSpeed).toGenericDict();
+  auto items = back.at("numpy").toTupleRef().elements();
+  CHECK((items.size() == 3 && items[0].toStringRef() == "MT19937" && items[1].isNone() && items[2].toInt() == 624));
+  CHECK(error_of([&] { io::load_pt(dir + "/rng.pth"); }).find("forbidden global 'numpy._core.multiarray._reconstruct'") !=
+        std::string::npos);
+  CHECK(error_of([&] { io::pickle::numpy_array("u4", {3}, bytes); }).find("do not hold 3 elements of u4") !=
+        std::string::npos);
+  CHECK(error_of([&] { io::pickle::numpy_array("O", {1}, "x"); }).find("unsupported dtype 'O'") != std::string::npos);
+}
+
 TEST_CASE("the unpickler refuses truncated data, bad opcodes and views outside their storage") {
   std::vector<torch::Tensor> storages;
   auto good = io::pickle::dumps(torch::arange(4, torch::kFloat32), storages);

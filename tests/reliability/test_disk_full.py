@@ -85,6 +85,10 @@ def assert_loads(path):
 
 
 def load_bin(path):
+    if path.name.startswith("rng_state"):  # NumPy's RNG state inside: HF loads these under its safe globals
+        from transformers.trainer_pt_utils import safe_globals
+        with safe_globals():
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 

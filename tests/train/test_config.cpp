@@ -11,14 +11,14 @@
 #include "io/yaml_config.h"
 #include "model/config.h"
 #include "train/config.h"
+#include "io/test_helpers.h"
 
 using namespace llava;
 
 namespace {
 
 std::string write_config(const std::string& name, const std::string& body) {
-  auto dir = std::filesystem::temp_directory_path() / ("llava-config-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  static const std::filesystem::path dir = test::temp_dir("config");
   auto path = (dir / name).string();
   std::ofstream(path) << body;
   return path;
@@ -244,7 +244,8 @@ TEST_CASE("every wrong value names the key, the value and what the key takes") {
       {"model_name_or_path: [a, b]", "key 'model_name_or_path': expected a string, got a list"},
       {"lr_scheduler_kwargs: 5", "key 'lr_scheduler_kwargs': expected a map of lr_scheduler_kwargs.* settings, got '5'"},
       // what a library would have said in its own words
-      {"lora_target_regex: '.*(q_proj'", "key 'lora_target_regex': expected a regular expression (std::regex: "},
+      {"lora_target_regex: '.*(q_proj'", "key 'lora_target_regex': expected a regular expression in RE2 syntax"},
+      {"lora_target_regex: '(?=q)q_proj'", "without backreferences or lookaround): invalid perl operator: (?="},
       {"lora_target_regex: '[a-'", "got '[a-'"},
       {"lora_dropout: 1.0", "key 'lora_dropout': expected a number in [0, 1), got '1.0'"},
       {"lora_dropout: -0.1", "key 'lora_dropout': expected a number in [0, 1), got '-0.1'"},

@@ -198,6 +198,27 @@ def test_sigterm_to_the_launcher_saves_and_does_not_restart(world):
     assert (world["root"] / name / f"checkpoint-{saved}" / "trainer_state.json").exists()
 
 
+def test_sigterm_to_one_worker_saves_and_the_launcher_restarts_the_unfinished_run(world):
+    """A preempted worker (SIGTERM to it, not to llava-run): every rank saves and stops, the workers exit
+    128 + SIGTERM (the run is not done), so the launcher restarts the group, which resumes from that save
+    and ends bitwise equal to the uninterrupted run."""
+    reference(world)
+    name = "ft_worker_term"
+    s = {**RUN, "save_on_interrupt": True}
+    log = world["root"] / f"{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(supervised(world, name, s, "--max_restarts=2"), stdout=out, stderr=subprocess.STDOUT)
+        wait_for(proc, log, "'loss'")
+        os.kill(worker_pids(proc)[1], signal.SIGTERM)
+        code = proc.wait(timeout=300)
+    text = log.read_text()
+    assert code == 0, text
+    assert "interrupted by a signal: saved checkpoint-" in text
+    assert f"failed: it exited with status {128 + signal.SIGTERM};" in text and "restarting every worker" in text, text
+    assert text.count("restarting") == 1, text
+    assert_bitwise(world, name)
+
+
 def test_two_nodes_on_loopback_restart_in_the_same_round_and_end_bitwise(world):
     """Two "nodes" (one llava-run each, 1 worker per node) linked at a fixed --master_port: a SIGKILL on
     node 1 and later one on node 0 restart the workers of BOTH nodes, in the same round, from the newest

@@ -36,6 +36,21 @@ train::TargetModules suffixes(std::vector<std::string> s) {
   return t;
 }
 
+TEST_CASE("target regexes match whole paths in linear time, even where a backtracking engine blows up") {
+  train::TargetModules t;
+  t.kind = train::TargetModules::Kind::Regex;
+  t.regex = R"(model\.language_model\..*\.(q_proj|v_proj))";
+  CHECK(t.matches("model.language_model.layers.0.self_attn.q_proj"));
+  CHECK_FALSE(t.matches("model.language_model.layers.0.self_attn.q_proj.lora_A"));  // fullmatch, as PEFT
+  CHECK_FALSE(t.matches("model.vision_tower.layers.0.self_attn.q_proj"));
+  // (a*)*b on 40 a's: about 2^40 steps for std::regex (a run that never starts); one pass for RE2.
+  train::TargetModules evil;
+  evil.kind = train::TargetModules::Kind::Regex;
+  evil.regex = "(a*)*b";
+  CHECK_FALSE(evil.matches(std::string(40, 'a')));
+  CHECK(evil.matches(std::string(40, 'a') + "b"));
+}
+
 }  // namespace
 
 TEST_CASE("target_modules select by suffix, regex over the whole path, or all-linear without lm_head") {

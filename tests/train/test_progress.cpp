@@ -109,3 +109,13 @@ TEST_CASE("fast steps show it/s, a resumed run times only its own steps, narrow 
   narrow.update(step(1, 4, 1.0, 1e-3, 2.0, 2));
   CHECK(narrow_out.str() == "\r 25%|██▌       | 1/");  // 19 cells: the line never wraps
 }
+
+TEST_CASE("before the first log line the loss and grad_norm are not known: '?'") {
+  // The trainer reads the loss back only for log lines, so the bar shows the last line's values.
+  FakeClock fake;
+  std::ostringstream out;
+  Progress progress(out, true, fake.clock());
+  fake.now = 101;
+  progress.update({1, 4, std::nullopt, 1e-3, std::nullopt, 2});
+  CHECK(out.str() == "\r 25%|██▌       | 1/4 [00:01<00:03,  1.00it/s, loss=?, lr=0.001, grad_norm=?, 2.00 samples/s]");
+}
