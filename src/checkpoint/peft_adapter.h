@@ -32,7 +32,7 @@ struct PeftLoraAdapter {
 };
 
 // Every module path an adapter file may use (without "base_model.model.") -> the caller's name for that
-// module. The one place that builds it for our model is train::adapter_module_names (every Linear under
+// module. The one place that builds it for our model is checkpoint::adapter_module_names (pretrained_parts.h) (every Linear under
 // each base-checkpoint naming PEFT reads: llava-hf classic, transformers >= 4.52, original LLaVA).
 using AdapterModuleNames = std::map<std::string, std::string>;
 

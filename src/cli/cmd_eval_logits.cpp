@@ -11,7 +11,8 @@
 #include "io/safetensors.h"
 #include "model/weights.h"
 #include "train/device.h"
-#include "train/pretrained_parts.h"
+#include "checkpoint/pretrained_parts.h"
+#include "train/lora.h"
 
 namespace {
 
@@ -44,7 +45,7 @@ int run_eval_logits(int argc, char** argv) {
   const auto device = llava::train::resolve_device(args["device"].as<std::string>(), 0, "eval-logits --device", "--device ");
   auto loaded =
       llava::model::load_model(args["model"].as<std::string>(), dtype, args["vision-tower"].as<std::string>(), device);
-  if (args.count("projector")) llava::train::load_projector_weights(loaded.model, args["projector"].as<std::string>());
+  if (args.count("projector")) llava::checkpoint::load_projector_weights(loaded.model, args["projector"].as<std::string>());
   if (args.count("adapter")) llava::train::load_lora_adapter(loaded.model, args["adapter"].as<std::string>());
 
   const std::string batch_path = args["batch"].as<std::string>();

@@ -16,7 +16,8 @@
 #include "io/safetensors.h"
 #include "model/generate.h"
 #include "model/weights.h"
-#include "train/pretrained_parts.h"
+#include "checkpoint/pretrained_parts.h"
+#include "train/lora.h"
 #include "train/trainer.h"
 
 namespace {
@@ -119,7 +120,7 @@ int run_infer(int argc, char** argv) {
   const std::string model_dir = args["model"].as<std::string>();
   auto loaded = llava::model::load_model(model_dir, llava::model::parse_dtype(args["dtype"].as<std::string>()),
                                          args["vision-tower"].as<std::string>());
-  if (args.count("projector")) llava::train::load_projector_weights(loaded.model, args["projector"].as<std::string>());
+  if (args.count("projector")) llava::checkpoint::load_projector_weights(loaded.model, args["projector"].as<std::string>());
   if (args.count("adapter")) llava::train::load_lora_adapter(loaded.model, args["adapter"].as<std::string>());
   std::optional<llava::data::Tokenizer> tokenizer;
   Prompt prompt;

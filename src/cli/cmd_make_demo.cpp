@@ -24,7 +24,8 @@
 #include "io/file_util.h"
 #include "model/config.h"
 #include "model/llava.h"
-#include "train/pretrained_parts.h"
+#include "checkpoint/pretrained_parts.h"
+#include "train/lora.h"
 
 namespace {
 
@@ -189,7 +190,7 @@ void make_model(const fs::path& model_dir, int64_t vocab, const DemoSizes& sizes
   init_weights(model);
   llava::model::WeightLayout layout;  // transformers >= 4.52 names, as save_pretrained writes them
   layout.vision_model_level = false;
-  llava::train::save_full_model(model_dir.string(), model, layout, /*max_shard_bytes=*/UINT64_MAX);
+  llava::checkpoint::save_full_model(model_dir.string(), model, layout, /*max_shard_bytes=*/UINT64_MAX);
 }
 
 int run_make_demo(int argc, char** argv) {

@@ -10,7 +10,8 @@
 #include "io/error.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
-#include "train/pretrained_parts.h"
+#include "checkpoint/pretrained_parts.h"
+#include "train/lora.h"
 
 namespace fs = std::filesystem;
 
@@ -45,12 +46,12 @@ int run_merge(int argc, char** argv) {
 
   auto loaded = llava::model::load_model(base, llava::model::parse_dtype(args["dtype"].as<std::string>()),
                                          args["vision-tower"].as<std::string>());
-  if (args.count("projector")) llava::train::load_projector_weights(loaded.model, args["projector"].as<std::string>());
+  if (args.count("projector")) llava::checkpoint::load_projector_weights(loaded.model, args["projector"].as<std::string>());
   auto lora = llava::train::load_lora_adapter(loaded.model, args["adapter"].as<std::string>());
   for (auto& module : lora) llava::train::merge(module);
 
   fs::create_directories(out);
-  auto written = llava::train::save_full_model(out, loaded.model, loaded.layout,
+  auto written = llava::checkpoint::save_full_model(out, loaded.model, loaded.layout,
                                                llava::io::parse_size(args["max-shard-size"].as<std::string>()));
   for (const char* name : kCompanionFiles)
     if (fs::exists(fs::path(base) / name)) fs::copy_file(fs::path(base) / name, fs::path(out) / name);

@@ -6,24 +6,24 @@
 namespace llava::train {
 
 AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options)
-    : groups_(std::move(groups)), options_(options) {
-  for (auto& g : groups_) state_.emplace_back(g.params.size());
+    : data_{std::move(groups), options, {}} {
+  for (auto& g : data_.groups) data_.state.emplace_back(g.params.size());
 }
 
 void AdamW::step() {
   torch::NoGradGuard no_grad;
-  for (size_t g = 0; g < groups_.size(); ++g) {
-    const ParamGroup& group = groups_[g];
+  for (size_t g = 0; g < data_.groups.size(); ++g) {
+    const ParamGroup& group = data_.groups[g];
     for (size_t i = 0; i < group.params.size(); ++i) {
       const torch::Tensor& param = group.params[i];
       if (!param.grad().defined()) continue;
-      AdamState& s = state_[g][i];
+      AdamState& s = data_.state[g][i];
       if (!s.initialized()) {
         s.exp_avg = torch::zeros_like(param, torch::MemoryFormat::Preserve);
         s.exp_avg_sq = torch::zeros_like(param, torch::MemoryFormat::Preserve);
       }
       s.step += 1;
-      adamw_update(param, param.grad(), s.exp_avg, s.exp_avg_sq, s.step, group.lr, group.weight_decay, options_);
+      adamw_update(param, param.grad(), s.exp_avg, s.exp_avg_sq, s.step, group.lr, group.weight_decay, data_.options);
     }
   }
 }
@@ -38,13 +38,13 @@ void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor 
 }
 
 void AdamW::zero_grad() {
-  for (auto& g : groups_)
+  for (auto& g : data_.groups)
     for (auto& p : g.params)
       if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
 }
 
 void AdamW::set_lr_factor(double factor) {
-  for (auto& g : groups_) g.lr = g.base_lr * factor;
+  for (auto& g : data_.groups) g.lr = g.base_lr * factor;
 }
 
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {

@@ -8,27 +8,14 @@
 
 #include <torch/torch.h>
 
+#include "checkpoint/optimizer_state.h"
+
 namespace llava::train {
 
-struct ParamGroup {
-  std::string name;                   // "decay", "no_decay", "projector_decay", ...
-  std::vector<std::string> names;     // parameter names, in named_parameters() order
-  std::vector<torch::Tensor> params;  // fp32 leaves the optimizer updates in place
-  double base_lr = 0;                 // `initial_lr`: the schedule multiplies this
-  double lr = 0;                      // current lr (base_lr * schedule factor)
-  double weight_decay = 0;
-};
-
-struct AdamWOptions {
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-};
-
-// Per-parameter state, as torch keeps it: `step` counts this parameter's updates.
-struct AdamState {
-  torch::Tensor exp_avg, exp_avg_sq;
-  int64_t step = 0;
-  bool initialized() const { return exp_avg.defined(); }
-};
+// The optimizer's plain data (checkpoint/optimizer_state.h): what checkpoint files read and write.
+using ParamGroup = checkpoint::ParamGroup;
+using AdamWOptions = checkpoint::AdamWOptions;
+using AdamState = checkpoint::AdamState;
 
 class AdamW {
  public:
@@ -39,17 +26,18 @@ class AdamW {
   void zero_grad();
   void set_lr_factor(double factor);  // lr = base_lr * factor for every group
 
-  std::vector<ParamGroup>& groups() { return groups_; }
-  const std::vector<ParamGroup>& groups() const { return groups_; }
-  const AdamWOptions& options() const { return options_; }
+  std::vector<ParamGroup>& groups() { return data_.groups; }
+  const std::vector<ParamGroup>& groups() const { return data_.groups; }
+  const AdamWOptions& options() const { return data_.options; }
   // state()[g][i] belongs to groups()[g].params[i].
-  std::vector<std::vector<AdamState>>& state() { return state_; }
-  const std::vector<std::vector<AdamState>>& state() const { return state_; }
+  std::vector<std::vector<AdamState>>& state() { return data_.state; }
+  const std::vector<std::vector<AdamState>>& state() const { return data_.state; }
+  // Groups, options and state as the checkpoint formats take them.
+  checkpoint::AdamWState& data() { return data_; }
+  const checkpoint::AdamWState& data() const { return data_; }
 
  private:
-  std::vector<ParamGroup> groups_;
-  AdamWOptions options_;
-  std::vector<std::vector<AdamState>> state_;
+  checkpoint::AdamWState data_;
 };
 
 // One AdamW update of `param` in place (torch's fused kernel on libtorch >= 2.4, else its single-tensor

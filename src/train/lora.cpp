@@ -93,4 +93,52 @@ void unmerge(LoraModule& m) {
   m.linear->adapter = m.adapter;
 }
 
+std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir) {
+  const auto adapter = checkpoint::read_lora_adapter(model, dir);
+  const auto linears = checkpoint::linear_modules(model);
+  LoraConfig config;
+  config.r = adapter.r;
+  config.alpha = adapter.lora_alpha;
+  config.use_rslora = adapter.use_rslora;
+  std::vector<LoraModule> attached;
+  torch::NoGradGuard no_grad;
+  for (auto& [path, weights] : adapter.modules) {
+    const auto& linear = linears.at(path);
+    if (weights.A.size(1) != linear->in_features() || weights.B.size(0) != linear->out_features())
+      fail(adapter.tensor_file, "'" + weights.key + "': lora_A " + c10::str(weights.A.sizes()) + " / lora_B " +
+                                    c10::str(weights.B.sizes()) + " do not fit the Linear '" + path + "' [" +
+                                    std::to_string(linear->out_features()) + ", " +
+                                    std::to_string(linear->in_features()) + "]");
+    auto lora = std::make_shared<LoraAdapter>(linear->in_features(), linear->out_features(), config,
+                                              linear->weight.options().requires_grad(false));
+    lora->lora_A.copy_(weights.A);
+    lora->lora_B.copy_(weights.B);
+    linear->adapter = lora;
+    attached.push_back({path, model::Linear(linear), lora});
+  }
+  return attached;
+}
+
+checkpoint::PeftLoraSettings peft_lora_settings(const LoraConfig& config) {
+  using Targets = checkpoint::PeftLoraSettings::Targets;
+  checkpoint::PeftLoraSettings s;
+  s.r = config.r;
+  s.alpha = config.alpha;
+  s.dropout = config.dropout;
+  s.use_rslora = config.use_rslora;
+  const auto& t = config.target_modules;
+  if (t.kind == TargetModules::Kind::AllLinear) s.targets = Targets::kAllLinear;
+  if (t.kind == TargetModules::Kind::Regex)
+    s.targets = t.regex == kLlavaDefaultLoraRegex ? Targets::kLlavaLanguageModel : Targets::kRegex;
+  s.suffixes = t.suffixes;
+  s.regex = t.regex;
+  return s;
+}
+
+std::vector<checkpoint::LoraModuleWeights> lora_weights(const std::vector<LoraModule>& modules) {
+  std::vector<checkpoint::LoraModuleWeights> out;
+  for (auto& m : modules) out.push_back({m.path, m.adapter->lora_A.detach(), m.adapter->lora_B.detach()});
+  return out;
+}
+
 }  // namespace llava::train

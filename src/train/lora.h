@@ -9,7 +9,9 @@
 
 #include <torch/torch.h>
 
+#include "checkpoint/pretrained_parts.h"
 #include "model/linear.h"
+#include "model/llava.h"
 
 namespace re2 {
 class RE2;
@@ -66,6 +68,15 @@ struct LoraModule {
 // Attaches an adapter to every Linear of `root` whose path matches (the output layer lm_head is never a
 // target of "all-linear", as in PEFT). Error naming the targets and some Linear paths if nothing matches.
 std::vector<LoraModule> attach_lora(torch::nn::Module& root, const LoraConfig& config);
+
+// Attaches the LoRA weights of a PEFT adapter dir (any naming PEFT reads; cast to the model dtype) to the
+// matching Linear modules. Error if a module of the adapter is no Linear of this model, or its shapes do not fit.
+std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir);
+
+// What a checkpoint's adapter_config.json records of `config`.
+checkpoint::PeftLoraSettings peft_lora_settings(const LoraConfig& config);
+// The weights of `modules` (the live tensors, detached), as the adapter writer takes them.
+std::vector<checkpoint::LoraModuleWeights> lora_weights(const std::vector<LoraModule>& modules);
 
 // Folds B A * scaling into the base weight (and back out).
 void merge(LoraModule& m);

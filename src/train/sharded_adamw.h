@@ -42,14 +42,8 @@
 
 namespace llava::train {
 
-// One parameter range of one rank's optimizer state, as ZeRO shard files store it (resume_state.h):
-// param[param_offset : param_offset + length] (flattened).
-struct RangeState {
-  std::string name;
-  int64_t param_offset = 0, length = 0, step = 0;  // step 0: never updated (no moments)
-  torch::Tensor exp_avg, exp_avg_sq;                // [length] fp32
-  torch::Tensor master;                             // [length] fp32, bf16 runs only
-};
+// One parameter range of one rank's optimizer state, as ZeRO shard files store it (checkpoint/optimizer_state.h).
+using RangeState = checkpoint::RangeState;
 
 // Bytes this rank holds by role, read from the storages of the live tensors (each storage counted once)
 // at the optimizer's high points: every bucket reduction (before the reduced .grads are freed), every

@@ -14,9 +14,9 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint_dir.h"
-#include "checkpoint/deepspeed_checkpoint.h"
-#include "checkpoint/hf_rng_state.h"
 #include "checkpoint/peft_adapter.h"
+#include "checkpoint/pretrained_parts.h"
+#include "checkpoint/resume_state.h"
 #include "data/config.h"
 #include "data/masked_samples.h"
 #include "distributed/communicator.h"
@@ -28,14 +28,10 @@
 #include "model/lm_loss.h"
 #include "model/weights.h"
 #include "train/adamw.h"
-#include "train/checkpoint_saver.h"
-#include "train/deepspeed_resume.h"
+#include "train/checkpoint_state.h"
 #include "train/device.h"
-#include "train/hf_state.h"
 #include "train/lora.h"
-#include "train/pretrained_parts.h"
 #include "train/progress.h"
-#include "train/resume_state.h"
 #include "train/schedule.h"
 #include "train/sharded_adamw.h"
 #include "train/step_values.h"
@@ -145,7 +141,7 @@ std::vector<ParamGroup> param_groups(const std::vector<Trainable>& trainables, c
 // use_rslora; `what` starts each error ("cannot resume", "--init-lora-from").
 void load_peft_adapters(model::LlavaForConditionalGeneration& model, const std::vector<LoraModule>& lora,
                         const std::string& dir, const TrainConfig& cfg, const std::string& what) {
-  const auto adapter = read_lora_adapter(model, dir);
+  const auto adapter = checkpoint::read_lora_adapter(model, dir);
   const std::string adapter_config = (fs::path(dir) / "adapter_config.json").string();
   if (adapter.r != cfg.lora_r || adapter.lora_alpha != cfg.lora_alpha || adapter.use_rslora != cfg.use_rslora)
     fail(adapter_config, what + ": the adapter has r " + std::to_string(adapter.r) + ", lora_alpha " +
@@ -194,9 +190,9 @@ bool interrupt_requested(dist::Communicator& comm, HostReads& reads, int64_t ste
 }
 
 // What the run is, for the resume check (see resume_state.h).
-RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>& trainables, int world_size,
+checkpoint::RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>& trainables, int world_size,
                            int64_t samples_per_step) {
-  RunSignature s;
+  checkpoint::RunSignature s;
   for (auto& t : trainables) s.trainables.push_back({t.name, t.param.sizes().vec()});
   if (cfg.lora_enable)
     s.lora = {{"r", cfg.lora_r}, {"lora_alpha", cfg.lora_alpha}, {"use_rslora", cfg.use_rslora},
@@ -206,70 +202,6 @@ RunSignature run_signature(const TrainConfig& cfg, const std::vector<Trainable>&
   s.world_size = world_size;
   s.zero_stage = cfg.zero_stage;
   return s;
-}
-
-// This rank's generators: the CPU one (LoRA dropout draws from it) and, on a CUDA device, its generator:
-// ours (llava_rng_state.safetensors), else HF Trainer's rng_state[_R].pth (a CPU run's checkpoint has no
-// CUDA state: the CUDA generator then stays as seeded).
-void restore_rng_state(const std::string& dir, int rank, const torch::Device& device) {
-  auto cpu = read_rng_state(dir, rank);
-  auto cuda = device.is_cuda() ? read_cuda_rng_state(dir, rank) : std::nullopt;
-  if (!cpu || (device.is_cuda() && !cuda))
-    if (auto hf = checkpoint::read_hf_rng_state(dir, rank, device.is_cuda() ? device.index() : -1)) {
-      if (!cpu) cpu = hf->cpu;
-      if (!cuda) cuda = hf->cuda;
-    }
-  if (cpu) set_cpu_rng_state(*cpu);
-  if (cuda) set_cuda_rng_state(device, *cuda);
-}
-
-// resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
-// or a checkpoint dir. Returns "" for a fresh start.
-std::string checkpoint_to_resume(const TrainConfig& cfg) {
-  if (cfg.resume_from_checkpoint.empty()) return "";
-  if (cfg.resume_from_checkpoint == "auto") return checkpoint::latest_checkpoint(cfg.output_dir).value_or("");
-  if (!fs::exists(fs::path(cfg.resume_from_checkpoint) / "trainer_state.json"))
-    fail(cfg.resume_from_checkpoint, "not a checkpoint (no trainer_state.json); nothing was changed");
-  return cfg.resume_from_checkpoint;
-}
-
-// Puts the trained weights, the optimizer state and this rank's RNG state of `dir` back; returns its
-// trainer state. Works for a checkpoint of any world size and ZeRO stage (optimizer.pt is consolidated)
-// and for one written by Python HF Trainer + PEFT (no llava_* files: nothing more is checked or restored).
-checkpoint::TrainerState restore_checkpoint(const std::string& dir, const TrainConfig& cfg, model::LoadedModel& loaded,
-                                            const std::vector<LoraModule>& lora, ShardedAdamW& optimizer,
-                                            const RunSignature& now, int rank, std::ostream& log) {
-  check_same_model(dir, cfg.model_name_or_path);
-  if (auto saved = read_run_signature(dir))
-    for (auto& change : check_resume_compatible(*saved, now, dir)) log << "resume: " << change << std::endl;
-  auto state = checkpoint::read_trainer_state((fs::path(dir) / "trainer_state.json").string());
-  // HF Trainer + DeepSpeed: weights and state in global_stepN/ (ours carry optimizer.pt beside it).
-  if (checkpoint::is_deepspeed_checkpoint(dir) && !fs::exists(fs::path(dir) / "optimizer.pt")) {
-    if (!lora.empty()) load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");  // checks r / lora_alpha
-    restore_deepspeed_state(dir, loaded.model, optimizer);
-    restore_rng_state(dir, rank, loaded.model->parameters().front().device());
-    return state;
-  }
-  if (!lora.empty()) {
-    load_peft_adapters(loaded.model, lora, dir, cfg, "cannot resume");
-    load_projector_weights(loaded.model, (fs::path(dir) / "non_lora_trainables.bin").string());
-  } else if (cfg.tune_mm_mlp_adapter) {
-    load_projector_weights(loaded.model, (fs::path(dir) / "mm_projector.bin").string());
-  } else {
-    model::load_weights(loaded.model, dir);
-  }
-  // The optimizer: ZeRO shard files when there are (any world size reads them), else optimizer.pt.
-  if (auto ranges = read_zero_shards(dir); !ranges.empty()) {
-    optimizer.load_ranges(ranges, (fs::path(dir) / "zero_shards").string());
-  } else {
-    const std::string optimizer_file = (fs::path(dir) / "optimizer.pt").string();
-    AdamW whole(optimizer.groups(), AdamWOptions{});
-    load_adamw_state_dict(whole, io::load_pt(optimizer_file), optimizer_file);
-    optimizer.load_consolidated(whole);
-    optimizer.load_master_weights(read_master_weights(dir));
-  }
-  restore_rng_state(dir, rank, loaded.model->parameters().front().device());
-  return state;
 }
 
 // Tokens the causal-LM loss scores in a batch: labels shifted by one (position 0 predicts nothing).
@@ -325,7 +257,7 @@ std::vector<RankMemory> gather_memory(const ShardedAdamW& optimizer, dist::Commu
 
 void write_metrics(const std::string& path, const std::vector<StepMetrics>& history,
                    const std::vector<Trainable>& trainables, const ShardedAdamW& optimizer,
-                   const std::vector<RankMemory>& memory, const std::vector<SaveTiming>& saves,
+                   const std::vector<RankMemory>& memory, const std::vector<checkpoint::SaveTiming>& saves,
                    const HostReads& host_reads) {
   nlohmann::json steps = nlohmann::json::array();
   for (auto& m : history)
@@ -423,7 +355,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   model->train();
   model->set_gradient_checkpointing(cfg.gradient_checkpointing);
   // Stage 2 starts from stage 1's projector (LLaVA's --pretrain_mm_mlp_adapter .../mm_projector.bin).
-  if (!cfg.pretrain_mm_mlp_adapter.empty()) load_projector_weights(model, cfg.pretrain_mm_mlp_adapter);
+  if (!cfg.pretrain_mm_mlp_adapter.empty()) checkpoint::load_projector_weights(model, cfg.pretrain_mm_mlp_adapter);
   // As HF Trainer's set_seed(args.seed): the global generator starts from `seed` in every run (PEFT's init
   // draws lora_A from it, and llava_rng_state.safetensors is then the same for identical runs of any stage).
   torch::manual_seed(cfg.data.seed);
@@ -485,22 +417,21 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   auto signature = [&](int64_t step) {
     auto s = run_signature(cfg, trainables, comm.world_size(), samples_per_step);
     s.sampler = {{"epoch", step / steps_per_epoch}, {"position", (step % steps_per_epoch) * samples_per_step}};
-    s.logging = RunSignature::LogProgress{last_logged_step, logged_loss};
+    s.logging = checkpoint::RunSignature::LogProgress{last_logged_step, logged_loss};
     return s;
   };
   int64_t step = 0;
-  if (const std::string resume = checkpoint_to_resume(cfg); !resume.empty()) {
-    const auto restored = restore_checkpoint(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(), log);
-    step = restored.global_step;
+  if (const std::string resume = checkpoint::checkpoint_to_resume(cfg.resume_from_checkpoint, cfg.output_dir);
+      !resume.empty()) {
+    auto load_lora = [&](const std::string& dir) { load_peft_adapters(model, lora, dir, cfg, "cannot resume"); };
+    const auto restored = restore_training_state(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(),
+                                                 load_lora, log);
+    step = restored.trainer.global_step;
     state.global_step = step;  // a run resumed at max_steps saves checkpoint-<step>, not checkpoint-0
-    state.epoch = restored.epoch;
-    state.log_history = restored.log_history;
+    state.epoch = restored.trainer.epoch;
+    state.log_history = restored.trainer.log_history;
     last_logged_step = step;  // as HF Trainer: the first log line averages over the steps this run makes
-    if (const auto saved = read_run_signature(resume); saved && saved->logging) {  // ours: continue the line
-      if (saved->logging->last_logged_step < 0 || saved->logging->last_logged_step > step)
-        fail((fs::path(resume) / "llava_resume.json").string(),
-             "\"logging\": last_logged_step " + std::to_string(saved->logging->last_logged_step) +
-                 " is not in [0, global_step " + std::to_string(step) + "]");
+    if (const auto& saved = restored.saved; saved && saved->logging) {  // ours: continue the line
       last_logged_step = saved->logging->last_logged_step;
       logged_loss = saved->logging->loss_since_log;
     }
@@ -554,7 +485,14 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     std::signal(SIGTERM, note_interrupt);
     std::signal(SIGINT, note_interrupt);
   }
-  CheckpointSaver saver(cfg, loaded, lora, lora_config_for(cfg), optimizer, comm, async_save_enabled(cfg, device));
+  checkpoint::CheckpointSaver saver(save_options(cfg, loaded, async_save_enabled(cfg, device)), comm);
+  const LoraConfig lora_config = lora_config_for(cfg);
+  auto save = [&] {  // checkpoint-<step>: collective
+    saver.save([&] {
+      return training_state(cfg, loaded, lora, lora_config, optimizer, comm, saver.async(), state, signature(step),
+                            schedule.factor(step));
+    });
+  };
   Watchdog watchdog(cfg.step_timeout, comm.rank(), step);  // step_timeout: a rank stuck anywhere exits
   // A library error inside the loop (a tensor op, a collective) names where this rank was.
   try {
@@ -662,13 +600,13 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         saver.check();  // a background save that failed ends the run here, on every rank
         if (save_every && step % cfg.save_steps == 0) {
           read_back_values(step);  // the line in progress goes into the checkpoint; a NaN/Inf step stops here
-          saver.save(state, signature(step), schedule.factor(step));
+          save();
         }
         if (debug.stop_after_steps > 0 && step == debug.stop_after_steps) stopped = true;
         if (cfg.save_on_interrupt && interrupt_requested(comm, host_reads, step)) {
           if (!(save_every && step % cfg.save_steps == 0)) {
             read_back_values(step);
-            saver.save(state, signature(step), schedule.factor(step));
+            save();
           }
           saver.finish();
           progress.log("interrupted by a signal: saved checkpoint-" + std::to_string(step) + ", stopping");
@@ -692,7 +630,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   watchdog.enter(Phase::save);
   // HF Trainer saves at the end too (unless the last step just did).
   if (!stopped && cfg.save_strategy == "steps" && step > 0 && !(save_every && step % cfg.save_steps == 0))
-    saver.save(state, signature(step), schedule.factor(step));
+    save();
   saver.finish();
   if (!debug.metrics_out.empty()) {
     const auto memory = gather_memory(optimizer, comm);

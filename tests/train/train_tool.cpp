@@ -13,10 +13,11 @@
 
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
-#include "train/hf_state.h"
-#include "train/pretrained_parts.h"
+#include "checkpoint/hf_state.h"
+#include "checkpoint/pretrained_parts.h"
 #include "model/weights.h"
 #include "train/adamw.h"
+#include "train/lora.h"
 #include "train/schedule.h"
 
 using namespace llava;
@@ -46,7 +47,7 @@ static int run_adamw(int argc, char** argv) {
   train::AdamW opt({decay, no_decay}, {});
   std::string save_dir;
   for (int a = 8; a + 1 < argc; a += 2) {
-    if (std::string(argv[a]) == "--load") train::load_adamw_state_dict(opt, io::load_pt(argv[a + 1]), argv[a + 1]);
+    if (std::string(argv[a]) == "--load") checkpoint::load_adamw_state_dict(opt.data(), io::load_pt(argv[a + 1]), argv[a + 1]);
     if (std::string(argv[a]) == "--save") save_dir = argv[a + 1];
   }
   io::NamedTensors out;
@@ -67,8 +68,8 @@ static int run_adamw(int argc, char** argv) {
     }
   io::save_safetensors(argv[3], out);
   if (!save_dir.empty()) {
-    io::save_pt(save_dir + "/optimizer.pt", train::adamw_state_dict(opt));
-    io::save_pt(save_dir + "/scheduler.pt", train::lambda_lr_state_dict(opt, steps));
+    io::save_pt(save_dir + "/optimizer.pt", checkpoint::adamw_state_dict(opt.data()));
+    io::save_pt(save_dir + "/scheduler.pt", checkpoint::lambda_lr_state_dict(opt.groups(), steps));
   }
   return 0;
 }
@@ -79,14 +80,15 @@ static int run_adapter_copy(char** argv) {
   auto config = train::LoraConfig();
   config.r = modules.at(0).adapter->lora_A.size(0);
   config.alpha = modules.at(0).adapter->scaling * config.r;
-  train::save_lora_adapter(argv[4], modules, config, loaded.layout, argv[2]);
+  checkpoint::save_lora_adapter(argv[4], train::lora_weights(modules), train::peft_lora_settings(config), loaded.layout,
+                                argv[2]);
   return 0;
 }
 
 static int run_projector_copy(int argc, char** argv) {
   auto loaded = model::load_model(argv[2], torch::kFloat32);
-  train::load_projector_weights(loaded.model, argv[3]);
-  train::save_projector_weights(argv[4], loaded.model, loaded.layout, argc > 5 && std::string(argv[5]) == "--peft");
+  checkpoint::load_projector_weights(loaded.model, argv[3]);
+  checkpoint::save_projector_weights(argv[4], loaded.model, loaded.layout, argc > 5 && std::string(argv[5]) == "--peft");
   return 0;
 }
 

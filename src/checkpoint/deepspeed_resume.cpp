@@ -1,4 +1,4 @@
-#include "train/deepspeed_resume.h"
+#include "checkpoint/deepspeed_resume.h"
 
 #include <map>
 #include <set>
@@ -7,7 +7,7 @@
 #include "io/error.h"
 #include "model/weights.h"
 
-namespace llava::train {
+namespace llava::checkpoint {
 
 namespace {
 
@@ -37,44 +37,43 @@ std::string canonical_name(std::string name, const std::map<std::string, std::st
 
 }  // namespace
 
-void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForConditionalGeneration& model,
-                             ShardedAdamW& optimizer) {
-  const auto ckpt = checkpoint::read_deepspeed_checkpoint(checkpoint_dir);
-  std::vector<std::string> model_names;
-  for (auto& p : model->named_parameters()) model_names.push_back(p.key());
-  const auto any_layout = model::names_in_any_layout(model_names);
+NamedTensors restore_deepspeed_state(const std::string& checkpoint_dir, const std::vector<std::string>& model_param_names,
+                                     AdamWState& whole) {
+  const auto ckpt = read_deepspeed_checkpoint(checkpoint_dir);
+  const auto any_layout = model::names_in_any_layout(model_param_names);
+  size_t trained_here = 0;
+  for (auto& g : whole.groups) trained_here += g.params.size();
 
-  std::map<std::string, const checkpoint::DeepSpeedParam*> by_name;
+  std::map<std::string, const DeepSpeedParam*> by_name;
   for (auto& p : ckpt.params) {
     const std::string name = canonical_name(p.name, any_layout);
     if (name.empty()) fail(ckpt.model_file, "param_shapes names '" + p.name + "', which is no parameter of this model");
     if (!by_name.emplace(name, &p).second) fail(ckpt.model_file, "param_shapes names '" + name + "' twice");
   }
-  AdamW whole(optimizer.groups(), AdamWOptions{});
-  std::vector<std::pair<std::string, torch::Tensor>> masters;
+  NamedTensors masters;
   std::set<std::string> used;
-  for (size_t g = 0; g < whole.groups().size(); ++g) {
-    ParamGroup& group = whole.groups()[g];
-    const checkpoint::DeepSpeedGroup* from = nullptr;
+  for (size_t g = 0; g < whole.groups.size(); ++g) {
+    ParamGroup& group = whole.groups[g];
+    const DeepSpeedGroup* from = nullptr;
     for (size_t i = 0; i < group.params.size(); ++i) {
       const std::string& name = group.names[i];
       auto it = by_name.find(name);
       if (it == by_name.end())
         fail(ckpt.model_file, "has no trained tensor '" + name + "', which this run trains (the checkpoint trained " +
                                   std::to_string(ckpt.params.size()) + " tensors, this run " +
-                                  std::to_string(optimizer.layout().params.size()) + ")");
-      const checkpoint::DeepSpeedParam& p = *it->second;
+                                  std::to_string(trained_here) + ")");
+      const DeepSpeedParam& p = *it->second;
       if (p.master.sizes() != group.params[i].sizes())
         fail(ckpt.model_file, "'" + p.name + "' has shape " + c10::str(p.master.sizes()) + ", this run's '" + name +
                                   "' has " + c10::str(group.params[i].sizes()));
-      const checkpoint::DeepSpeedGroup& dg = ckpt.groups[p.group];
+      const DeepSpeedGroup& dg = ckpt.groups[p.group];
       if (from && from != &dg)
         fail(ckpt.model_file, "'" + p.name + "' is in another optimizer group than '" + group.names[0] +
                                   "' (weight decay / lr groups differ from this run's)");
       from = &dg;
       used.insert(name);
       masters.emplace_back(name, p.master);
-      if (dg.step > 0) whole.state()[g][i] = AdamState{p.exp_avg, p.exp_avg_sq, dg.step};
+      if (dg.step > 0) whole.state[g][i] = AdamState{p.exp_avg, p.exp_avg_sq, dg.step};
     }
     if (from) {
       group.base_lr = from->initial_lr;
@@ -87,11 +86,10 @@ void restore_deepspeed_state(const std::string& checkpoint_dir, model::LlavaForC
       fail(ckpt.model_file, "trained '" + p->name + "', which this run does not train (its config differs)");
 
   torch::NoGradGuard no_grad;
-  for (size_t g = 0; g < whole.groups().size(); ++g)
-    for (size_t i = 0; i < whole.groups()[g].params.size(); ++i)
-      whole.groups()[g].params[i].copy_(by_name.at(whole.groups()[g].names[i])->master);
-  optimizer.load_consolidated(whole);
-  optimizer.load_master_weights(masters);
+  for (size_t g = 0; g < whole.groups.size(); ++g)
+    for (size_t i = 0; i < whole.groups[g].params.size(); ++i)
+      whole.groups[g].params[i].copy_(by_name.at(whole.groups[g].names[i])->master);
+  return masters;
 }
 
 namespace {
@@ -107,40 +105,29 @@ std::string hf_model_name(const std::string& name, bool peft) {
 
 }  // namespace
 
-checkpoint::DeepSpeedSave deepspeed_save_of(const AdamW& whole, const NamedTensorList& masters,
-                                            const NamedTensorList& model_state, const TrainConfig& cfg,
-                                            int64_t global_step, int64_t samples_per_step, int world_size,
-                                            const c10::IValue& lr_scheduler) {
-  checkpoint::DeepSpeedSave save;
-  save.global_step = global_step;
-  save.global_samples = global_step * samples_per_step;
-  save.world_size = world_size;
-  save.zero_stage = cfg.zero_stage;
-  save.micro_batch = cfg.data.per_device_train_batch_size;
-  save.accumulation = cfg.gradient_accumulation_steps;
-  save.gradient_clipping = cfg.max_grad_norm;
-  save.beta1 = whole.options().beta1;
-  save.beta2 = whole.options().beta2;
-  save.eps = whole.options().eps;
-  save.lr_scheduler = lr_scheduler;
-  save.bf16 = cfg.bf16;
+DeepSpeedSave deepspeed_save_of(const AdamWState& whole, const NamedTensors& masters, const NamedTensors& model_state,
+                                bool peft, DeepSpeedSave run) {
+  DeepSpeedSave save = std::move(run);
+  save.beta1 = whole.options.beta1;
+  save.beta2 = whole.options.beta2;
+  save.eps = whole.options.eps;
   const std::map<std::string, torch::Tensor> master_of(masters.begin(), masters.end());
-  for (size_t g = 0; g < whole.groups().size(); ++g) {
-    const ParamGroup& group = whole.groups()[g];
+  for (size_t g = 0; g < whole.groups.size(); ++g) {
+    const ParamGroup& group = whole.groups[g];
     int64_t step = 0;
     for (size_t i = 0; i < group.params.size(); ++i) {
-      const AdamState& s = whole.state()[g][i];
+      const AdamState& s = whole.state[g][i];
       step = std::max(step, s.step);
-      const std::string name = hf_model_name(group.names[i], cfg.lora_enable);
+      const std::string name = hf_model_name(group.names[i], peft);
       auto master = master_of.count(group.names[i]) ? master_of.at(group.names[i]).view(group.params[i].sizes())
                                                      : group.params[i].detach();
       save.params.push_back({name, g, master, s.exp_avg, s.exp_avg_sq});
     }
     save.groups.push_back({group.lr, group.base_lr, group.weight_decay, step});
   }
-  if (!cfg.lora_enable)
+  if (!peft)
     for (auto& [name, tensor] : model_state) save.module.emplace_back(hf_model_name(name, false), tensor);
   return save;
 }
 
-}  // namespace llava::train
+}  // namespace llava::checkpoint

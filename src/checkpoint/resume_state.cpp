@@ -1,4 +1,4 @@
-#include "train/resume_state.h"
+#include "checkpoint/resume_state.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -11,7 +11,7 @@
 #include "io/json_input.h"
 #include "io/safetensors.h"
 
-namespace llava::train {
+namespace llava::checkpoint {
 
 namespace {
 namespace fs = std::filesystem;
@@ -254,4 +254,4 @@ std::vector<std::pair<std::string, torch::Tensor>> read_master_weights(const std
   return out;
 }
 
-}  // namespace llava::train
+}  // namespace llava::checkpoint

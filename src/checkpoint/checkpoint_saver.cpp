@@ -1,26 +1,24 @@
-#include "train/checkpoint_saver.h"
+#include "checkpoint/checkpoint_saver.h"
 
 #include <chrono>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <optional>
 #include <thread>
 
 #include <torch/cuda.h>
 
 #include "checkpoint/deepspeed_checkpoint.h"
+#include "checkpoint/deepspeed_resume.h"
 #include "checkpoint/hf_rng_state.h"
+#include "checkpoint/hf_state.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"
 #include "io/torch_archive.h"
-#include "train/adamw.h"
-#include "train/deepspeed_resume.h"
-#include "train/device.h"
-#include "train/hf_state.h"
-#include "train/pretrained_parts.h"
 
-namespace llava::train {
+namespace llava::checkpoint {
 
 namespace {
 
@@ -30,13 +28,12 @@ using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
-// Every rank's generator state (`state`, the same size on every rank), on every rank.
-std::vector<torch::Tensor> gather_rng_states(dist::Communicator& comm, const torch::Tensor& state) {
-  if (comm.world_size() == 1) return {state};
-  auto all = comm.all_gather(state.to(comm.device())).cpu();  // [world * n] uint8
-  std::vector<torch::Tensor> out;
-  for (int r = 0; r < comm.world_size(); ++r) out.push_back(all.narrow(0, r * state.numel(), state.numel()).clone());
-  return out;
+// Sums `t` over the ranks, on the communicator's device (NCCL takes CUDA tensors only).
+void sum_over_ranks(dist::Communicator& comm, torch::Tensor& t) {
+  if (comm.world_size() == 1) return;
+  auto buffer = t.to(comm.device());
+  comm.allreduce(buffer, dist::Reduce::Sum);
+  t = buffer.to(t.device());
 }
 
 // Runs `write` on the ranks given (`on_every_rank`, or rank 0 only) and tells every rank whether it
@@ -53,28 +50,22 @@ void write_on_ranks(dist::Communicator& comm, const std::string& what, bool on_e
     }
   }
   auto failed = torch::full({1}, error.empty() ? 0.0f : 1.0f);
-  allreduce_sum(comm, failed);
+  sum_over_ranks(comm, failed);
   if (!error.empty()) throw Error(error);
   if (failed.item<float>() > 0) throw Error(what + " failed on another rank (see its error)");
-}
-
-// Whether optimizer.pt (the whole state, gathered on every rank) is written: always without sharding;
-// under ZeRO only while the state is at most consolidate_optimizer_max_size, as gathering it costs
-// every rank the whole state's memory.
-// With `deepspeed:` in the config (as LLaVA's scripts pass it) the checkpoints also carry DeepSpeed's
-// layout (LoRA, stage 1 and full fine-tunes): the run was meant for DeepSpeed, and HF Trainer under
-// DeepSpeed resumes nothing else (it looks for global_step*/). Written with the consolidated optimizer only.
-bool writes_deepspeed_layout(const TrainConfig& cfg) { return !cfg.deepspeed.empty(); }
-
-bool write_consolidated_optimizer(const TrainConfig& cfg, const ShardedAdamW& optimizer) {
-  if (!optimizer.sharded()) return true;
-  const int64_t state_bytes = optimizer.layout().total_numel * (cfg.bf16 ? 12 : 8);
-  return static_cast<uint64_t>(state_bytes) <= io::parse_size(cfg.consolidate_optimizer_max_size);
 }
 
 std::string saving(int64_t step) { return "saving checkpoint-" + std::to_string(step); }
 
 }  // namespace
+
+bool writes_optimizer_pt(bool sharded, int64_t total_numel, bool bf16, uint64_t max_bytes) {
+  if (!sharded) return true;
+  const int64_t state_bytes = total_numel * (bf16 ? 12 : 8);
+  return static_cast<uint64_t>(state_bytes) <= max_bytes;
+}
+
+bool writes_deepspeed_layout(bool deepspeed_config_named) { return deepspeed_config_named; }
 
 // ------------------------------------------------------------------------------------------ staging
 
@@ -115,22 +106,22 @@ struct CheckpointSaver::Staged {
   bool sharded = false;
   std::vector<RangeState> zero_shard;  // ZeRO: this rank's optimizer state by range
   // rank 0:
-  enum class Weights { kLora, kProjector, kFull } weights = Weights::kFull;
-  std::vector<LoraWeights> lora;
+  TrainingState::Weights weights = TrainingState::Weights::kFull;
+  std::vector<LoraModuleWeights> lora;
   NamedTensors trained;  // projector (stage 1 and LoRA's non_lora_trainables.bin) or every parameter (full)
-  LoraConfig lora_config;
+  PeftLoraSettings lora_settings;
   model::WeightLayout layout;
   std::string base_model, max_shard_size;
   int64_t save_total_limit = 0;
   c10::IValue optimizer_pt, scheduler_pt;  // optimizer_pt None: not written (ZeRO past the size limit)
-  checkpoint::TrainerState state;
+  TrainerState state;
   RunSignature signature;
   std::vector<torch::Tensor> rng_states, cuda_rng_states;
   std::vector<int64_t> cuda_devices;  // each rank's CUDA device index (with cuda_rng_states)
   uint64_t seed = 0;                  // HF's rng_state files: the Python and NumPy generators as seeded
   NamedTensors masters;
-  std::optional<checkpoint::DeepSpeedSave> deepspeed;  // with `deepspeed:` in the config
-  std::unique_ptr<checkpoint::PendingCheckpoint> pending;
+  std::optional<DeepSpeedSave> deepspeed;  // with `deepspeed:` in the config
+  std::unique_ptr<PendingCheckpoint> pending;
   std::atomic<double> write_seconds{-1};
 
   void write_shard() const { write_zero_shard(partial_dir, rank, world_size, zero_shard); }
@@ -139,10 +130,10 @@ struct CheckpointSaver::Staged {
   void write_main_files() const {
     const std::string& dir = partial_dir;
     if (pending->dir() != dir) throw Error(saving(step) + ": unexpected partial folder " + pending->dir());
-    if (weights == Weights::kLora) {
-      save_lora_adapter(dir, lora, lora_config, layout, base_model);
+    if (weights == TrainingState::Weights::kLora) {
+      save_lora_adapter(dir, lora, lora_settings, layout, base_model);
       save_projector_weights(dir + "/non_lora_trainables.bin", trained, layout, /*peft_prefix=*/true);
-    } else if (weights == Weights::kProjector) {
+    } else if (weights == TrainingState::Weights::kProjector) {
       save_projector_weights(dir + "/mm_projector.bin", trained, layout, /*peft_prefix=*/false);
     } else {
       save_full_model(dir, trained, layout, io::parse_size(max_shard_size));
@@ -152,17 +143,17 @@ struct CheckpointSaver::Staged {
       io::write_file_atomic(dir + "/config.json", io::read_input_file(base_config.string(), io::InputKind::kConfig));
     if (!optimizer_pt.isNone()) io::save_pt(dir + "/optimizer.pt", optimizer_pt);
     io::save_pt(dir + "/scheduler.pt", scheduler_pt);
-    if (deepspeed) checkpoint::write_deepspeed_checkpoint(dir, *deepspeed);  // HF Trainer + DeepSpeed resume it
-    checkpoint::write_trainer_state(dir + "/trainer_state.json", state);
+    if (deepspeed) write_deepspeed_checkpoint(dir, *deepspeed);  // HF Trainer + DeepSpeed resume it
+    write_trainer_state(dir + "/trainer_state.json", state);
     write_run_signature(dir, signature);
     write_rng_states(dir, rng_states, cuda_rng_states);
-    checkpoint::write_hf_rng_states(dir, seed, rng_states, cuda_rng_states, cuda_devices);  // HF Trainer loads them
+    write_hf_rng_states(dir, seed, rng_states, cuda_rng_states, cuda_devices);  // HF Trainer loads them
     if (!sharded) write_master_weights(dir, masters);  // ZeRO shards carry them
   }
 
   void commit() {
     pending->commit();
-    checkpoint::rotate_checkpoints(output_dir, save_total_limit);
+    rotate_checkpoints(output_dir, save_total_limit);
   }
 
   // Rank 0, async under ZeRO: the other ranks write their shard files (each appears whole, by rename)
@@ -181,11 +172,8 @@ struct CheckpointSaver::Staged {
 
 // ------------------------------------------------------------------------------------------ the saver
 
-CheckpointSaver::CheckpointSaver(const TrainConfig& cfg, model::LoadedModel& loaded, const std::vector<LoraModule>& lora,
-                                 const LoraConfig& lora_config, ShardedAdamW& optimizer, dist::Communicator& comm,
-                                 bool async)
-    : cfg_(cfg), loaded_(loaded), lora_(lora), lora_config_(lora_config), optimizer_(optimizer), comm_(comm),
-      async_(async) {}
+CheckpointSaver::CheckpointSaver(SaveOptions options, dist::Communicator& comm)
+    : options_(std::move(options)), comm_(comm) {}
 
 CheckpointSaver::~CheckpointSaver() = default;  // the writer cancels waits and joins
 
@@ -193,49 +181,40 @@ CheckpointSaver::~CheckpointSaver() = default;  // the writer cancels waits and 
 // background write a snapshot (tensors the next steps change) or the tensor on the host (frozen ones:
 // copied there only when they live on the device).
 torch::Tensor CheckpointSaver::staged_copy(const std::string& key, const torch::Tensor& t) {
-  return async_ ? staging_.snapshot(key, t) : t.detach();
+  return options_.async ? staging_.snapshot(key, t) : t.detach();
 }
 torch::Tensor CheckpointSaver::staged_on_host(const std::string& key, const torch::Tensor& t) {
-  return async_ ? staging_.host(key, t) : t.detach();
+  return options_.async ? staging_.host(key, t) : t.detach();
 }
 
-std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint::TrainerState& state,
-                                                                const RunSignature& signature, double next_lr_factor) {
+std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(TrainingState& state) {
   auto copy = [&](const std::string& key, const torch::Tensor& t) { return staged_copy(key, t); };
   auto host = [&](const std::string& key, const torch::Tensor& t) { return staged_on_host(key, t); };
 
   staging_.reset();
   auto s = std::make_shared<Staged>();
-  s->step = state.global_step;
-  s->output_dir = cfg_.output_dir;
-  s->partial_dir = (fs::path(cfg_.output_dir) / (".checkpoint-" + std::to_string(s->step) + ".partial")).string();
+  s->step = state.trainer.global_step;
+  s->output_dir = options_.output_dir;
+  s->partial_dir = (fs::path(options_.output_dir) / (".checkpoint-" + std::to_string(s->step) + ".partial")).string();
   s->rank = comm_.rank();
   s->world_size = comm_.world_size();
-  s->sharded = optimizer_.sharded();
+  s->sharded = state.sharded;
 
-  // The collective parts, on every rank. An async save without sharding copies the optimizer state
-  // straight into the kept host buffers instead (consolidated() would gather it into fresh ones).
-  std::optional<AdamW> whole;
+  // An async save without sharding copies the optimizer state straight into the kept host buffers
+  // (gathering would copy it into fresh ones); otherwise the trainer gathered it.
+  std::optional<AdamWState> whole;
   NamedTensors masters;
-  // DeepSpeed's layout goes with optimizer.pt only; it needs the fp32 masters (bf16) under ZeRO too. The
-  // same decision on every rank: master_weights() is collective under ZeRO.
-  const bool consolidate = write_consolidated_optimizer(cfg_, optimizer_);
-  const bool deepspeed_layout = consolidate && writes_deepspeed_layout(cfg_);
-  if (async_ && !optimizer_.sharded()) {
-    if (comm_.rank() == 0) whole = staged_whole_optimizer(masters);  // only rank 0 writes it
+  if (state.whole_from_ranges) {
+    if (comm_.rank() == 0) whole = staged_whole_optimizer(state, masters);  // only rank 0 writes it
   } else {
-    if (consolidate) whole = optimizer_.consolidated();  // fresh buffers
-    if (!optimizer_.sharded() || deepspeed_layout) masters = optimizer_.master_weights();    // fresh copies
+    whole = std::move(state.whole);
+    masters = std::move(state.masters);
   }
-  s->rng_states = gather_rng_states(comm_, cpu_rng_state());
-  const torch::Device device = loaded_.model->parameters().front().device();
-  if (device.is_cuda()) {
-    s->cuda_rng_states = gather_rng_states(comm_, cuda_rng_state(device));
-    for (auto& index : gather_rng_states(comm_, torch::tensor({static_cast<int64_t>(device.index())})))
-      s->cuda_devices.push_back(index.item<int64_t>());
-  }
+  s->rng_states = std::move(state.rng_states);
+  s->cuda_rng_states = std::move(state.cuda_rng_states);
+  s->cuda_devices = std::move(state.cuda_devices);
   if (s->sharded) {
-    s->zero_shard = optimizer_.local_ranges();  // views of the live state
+    s->zero_shard = state.ranges;  // views of the live state
     for (auto& r : s->zero_shard) {
       const std::string key = "zero/" + r.name + "/" + std::to_string(r.param_offset) + "/";
       if (r.exp_avg.defined()) r.exp_avg = copy(key + "exp_avg", r.exp_avg);
@@ -249,80 +228,74 @@ std::shared_ptr<CheckpointSaver::Staged> CheckpointSaver::stage(const checkpoint
   }
 
   // Rank 0's files.
-  s->lora_config = lora_config_;
-  s->layout = loaded_.layout;
-  s->base_model = cfg_.model_name_or_path;
-  s->max_shard_size = cfg_.max_shard_size;
-  s->save_total_limit = cfg_.save_total_limit;
-  s->seed = static_cast<uint64_t>(cfg_.data.seed);
-  auto& model = loaded_.model;
-  if (!lora_.empty()) {
-    s->weights = Staged::Weights::kLora;
-    for (auto& m : lora_)
-      s->lora.push_back({m.path, copy(m.path + ".lora_A", m.adapter->lora_A), copy(m.path + ".lora_B", m.adapter->lora_B)});
-  } else if (cfg_.tune_mm_mlp_adapter) {
-    s->weights = Staged::Weights::kProjector;
-  }
-  if (s->weights == Staged::Weights::kFull) {
-    for (auto& p : model->named_parameters())  // frozen weights never change: only their trip to the host
-      s->trained.emplace_back(p.key(), p.value().requires_grad() ? copy(p.key(), p.value()) : host(p.key(), p.value()));
-  } else {
-    for (auto& p : model->model->multi_modal_projector->named_parameters()) {
-      const std::string name = "model.multi_modal_projector." + p.key();
-      s->trained.emplace_back(name, copy(name, p.value()));
-    }
+  s->lora_settings = state.lora_settings;
+  s->layout = options_.layout;
+  s->base_model = options_.base_model;
+  s->max_shard_size = options_.max_shard_size;
+  s->save_total_limit = options_.save_total_limit;
+  s->seed = state.seed;
+  s->weights = state.weights;
+  for (auto& m : state.lora)
+    s->lora.push_back({m.path, copy(m.path + ".lora_A", m.A), copy(m.path + ".lora_B", m.B)});
+  for (size_t i = 0; i < state.weights_to_save.size(); ++i) {  // frozen weights never change: only their trip to the host
+    const auto& [name, t] = state.weights_to_save[i];
+    const bool frozen = i < state.frozen.size() && state.frozen[i];
+    s->trained.emplace_back(name, frozen ? host(name, t) : copy(name, t));
   }
   // torch's LambdaLR steps right after the optimizer, so HF's optimizer.pt / scheduler.pt hold the lr of the
   // NEXT step, base_lr * schedule(global_step): HF Trainer resumes with exactly that lr.
-  auto set_next_lr = [&](AdamW& a) {
-    for (auto& g : a.groups()) g.lr = g.base_lr * next_lr_factor;
+  auto set_next_lr = [&](std::vector<ParamGroup>& groups) {
+    for (auto& g : groups) g.lr = g.base_lr * state.next_lr_factor;
   };
   if (whole) {
-    set_next_lr(*whole);
-    for (size_t g = 0; g < whole->state().size(); ++g)
-      for (size_t j = 0; j < whole->state()[g].size(); ++j) {
-        auto& st = whole->state()[g][j];
+    set_next_lr(whole->groups);
+    for (size_t g = 0; g < whole->state.size(); ++g)
+      for (size_t j = 0; j < whole->state[g].size(); ++j) {
+        auto& st = whole->state[g][j];
         const std::string key = "adam/" + std::to_string(g) + "/" + std::to_string(j) + "/";
         if (st.exp_avg.defined()) st.exp_avg = host(key + "exp_avg", st.exp_avg);
         if (st.exp_avg_sq.defined()) st.exp_avg_sq = host(key + "exp_avg_sq", st.exp_avg_sq);
       }
     s->optimizer_pt = adamw_state_dict(*whole);
-    s->scheduler_pt = lambda_lr_state_dict(*whole, state.global_step);
+    s->scheduler_pt = lambda_lr_state_dict(whole->groups, state.trainer.global_step);
   } else {
-    AdamW stateless(optimizer_.groups(), AdamWOptions{});  // the schedule needs only the groups' lrs
-    set_next_lr(stateless);
-    s->scheduler_pt = lambda_lr_state_dict(stateless, state.global_step);
+    auto groups = state.groups;  // the schedule needs only the groups' lrs
+    set_next_lr(groups);
+    s->scheduler_pt = lambda_lr_state_dict(groups, state.trainer.global_step);
   }
   for (auto& [name, t] : masters) s->masters.emplace_back(name, host("master/" + name, t));
-  if (whole && deepspeed_layout)
-    s->deepspeed = deepspeed_save_of(*whole, s->masters, deepspeed_module_state(*s), cfg_, state.global_step,
-                                     signature.samples_per_step, comm_.world_size(), s->scheduler_pt);
-  s->state = state;
-  s->signature = signature;
+  if (whole && state.deepspeed) {
+    state.deepspeed->lr_scheduler = s->scheduler_pt;
+    s->deepspeed = deepspeed_save_of(*whole, s->masters, deepspeed_module_state(state, *s),
+                                     state.weights == TrainingState::Weights::kLora, std::move(*state.deepspeed));
+  }
+  s->state = std::move(state.trainer);
+  s->signature = std::move(state.signature);
   staging_.wait();
   return s;
 }
 
-// Without sharding this rank holds the whole optimizer state, each parameter in one range: an AdamW
-// whose state is the ranges' copies in the kept host buffers (what consolidated() returns, without the
-// gathering into fresh buffers), and the fp32 master weights (bf16 runs) likewise.
-AdamW CheckpointSaver::staged_whole_optimizer(NamedTensors& masters) {
-  AdamW whole(optimizer_.groups(), optimizer_.options());
+// Without sharding this rank holds the whole optimizer state, each parameter in one range: a whole AdamW
+// state made of the ranges' copies in the kept host buffers (what gathering returns, without copying into
+// fresh buffers), and the fp32 master weights (bf16 runs) likewise.
+AdamWState CheckpointSaver::staged_whole_optimizer(const TrainingState& state, NamedTensors& masters) {
+  AdamWState whole{state.groups, state.options, {}};
+  for (auto& g : whole.groups) whole.state.emplace_back(g.params.size());
   std::map<std::string, std::pair<size_t, size_t>> slot;  // name -> (group, index in group)
   std::map<std::string, torch::IntArrayRef> shape;
-  for (size_t g = 0; g < whole.groups().size(); ++g)
-    for (size_t j = 0; j < whole.groups()[g].names.size(); ++j) {
-      slot[whole.groups()[g].names[j]] = {g, j};
-      shape[whole.groups()[g].names[j]] = whole.groups()[g].params[j].sizes();
+  for (size_t g = 0; g < whole.groups.size(); ++g)
+    for (size_t j = 0; j < whole.groups[g].names.size(); ++j) {
+      slot[whole.groups[g].names[j]] = {g, j};
+      shape[whole.groups[g].names[j]] = whole.groups[g].params[j].sizes();
     }
-  for (auto& r : optimizer_.local_ranges()) {
+  for (auto& r : state.ranges) {
     const auto& sizes = shape.at(r.name);
     if (r.param_offset != 0 || r.length != c10::multiply_integers(sizes))
       throw Error("internal: an unsharded optimizer holds '" + r.name + "' in pieces");
     if (r.master.defined()) masters.emplace_back(r.name, staging_.snapshot("master/" + r.name, r.master).view(sizes));
     if (r.step == 0) continue;  // never updated: torch keeps no state for it
     auto [g, j] = slot.at(r.name);
-    AdamState& s = whole.state()[g][j];
+    AdamState& s = whole.state[g][j];
     s.exp_avg = staging_.snapshot("exp_avg/" + r.name, r.exp_avg).view(sizes);
     s.exp_avg_sq = staging_.snapshot("exp_avg_sq/" + r.name, r.exp_avg_sq).view(sizes);
     s.step = r.step;
@@ -330,30 +303,28 @@ AdamW CheckpointSaver::staged_whole_optimizer(NamedTensors& masters) {
   return whole;
 }
 
-// DeepSpeed's `module` of a run without LoRA: every parameter, as HF Trainer has DeepSpeed load a non-PEFT
-// model's `module` strictly: the staged trained ones (every parameter of a full fine-tune, the projector of
-// stage 1), the frozen rest only on the host (never changed); a tied lm_head under its own name too, as
-// the HF model's state_dict() lists it. Empty for LoRA runs, whose `module` is their trained tensors.
-NamedTensors CheckpointSaver::deepspeed_module_state(const Staged& s) {
+// DeepSpeed's `module` of a run without LoRA (TrainingState::deepspeed_module): the staged trained tensors
+// (every parameter of a full fine-tune, the projector of stage 1) where they are staged already, the rest
+// copied as live (trainable) or only brought to the host (frozen: never changed). Empty for LoRA runs,
+// whose `module` is their trained tensors.
+NamedTensors CheckpointSaver::deepspeed_module_state(const TrainingState& state, const Staged& s) {
   NamedTensors module;
-  if (!lora_.empty()) return module;
+  if (state.weights == TrainingState::Weights::kLora) return module;
   const std::map<std::string, torch::Tensor> staged(s.trained.begin(), s.trained.end());
-  for (auto& p : loaded_.model->named_parameters()) {
-    auto it = staged.find(p.key());
-    if (it != staged.end()) module.emplace_back(p.key(), it->second);
-    else
-      module.emplace_back(p.key(), p.value().requires_grad() ? staged_copy(p.key(), p.value())
-                                                             : staged_on_host(p.key(), p.value()));
+  for (size_t i = 0; i < state.deepspeed_module.size(); ++i) {
+    const auto& [name, t] = state.deepspeed_module[i];
+    const bool frozen = i < state.deepspeed_module_frozen.size() && state.deepspeed_module_frozen[i];
+    auto it = staged.find(name);
+    if (it != staged.end()) module.emplace_back(name, it->second);
+    else module.emplace_back(name, frozen ? staged_on_host(name, t) : staged_copy(name, t));
   }
-  if (loaded_.model->lm_head.is_empty())
-    module.emplace_back("lm_head.weight", staged_on_host("lm_head.weight", loaded_.model->lm_head_weight()));
   return module;
 }
 
 void CheckpointSaver::write_synchronously(const std::shared_ptr<Staged>& s) {
   const std::string what = saving(s->step);
   write_on_ranks(comm_, what, /*on_every_rank=*/false,
-                 [&] { s->pending = std::make_unique<checkpoint::PendingCheckpoint>(s->output_dir, s->step); });
+                 [&] { s->pending = std::make_unique<PendingCheckpoint>(s->output_dir, s->step); });
   if (s->sharded)  // every rank writes its own shard into rank 0's partial folder
     write_on_ranks(comm_, what, /*on_every_rank=*/true, [&] { s->write_shard(); });
   write_on_ranks(comm_, what, /*on_every_rank=*/false, [&] {
@@ -365,7 +336,7 @@ void CheckpointSaver::write_synchronously(const std::shared_ptr<Staged>& s) {
 void CheckpointSaver::start_background_write(const std::shared_ptr<Staged>& s) {
   // The partial folder exists before any rank's thread writes into it.
   write_on_ranks(comm_, saving(s->step), /*on_every_rank=*/false,
-                 [&] { s->pending = std::make_unique<checkpoint::PendingCheckpoint>(s->output_dir, s->step); });
+                 [&] { s->pending = std::make_unique<PendingCheckpoint>(s->output_dir, s->step); });
   writer_.start([s](const std::atomic<bool>& cancelled) {
     const auto start = Clock::now();
     try {
@@ -384,16 +355,18 @@ void CheckpointSaver::start_background_write(const std::shared_ptr<Staged>& s) {
   in_flight_ = true;
 }
 
-void CheckpointSaver::save(const checkpoint::TrainerState& state, const RunSignature& signature, double next_lr_factor) {
+void CheckpointSaver::save(const std::function<TrainingState()>& gather_state) {
   const auto wait_start = Clock::now();
   finish();  // at most one save in flight
   const double waited = seconds_since(wait_start);
   const auto start = Clock::now();
-  auto staged = stage(state, signature, next_lr_factor);
-  if (async_) {
+  TrainingState state = gather_state();
+  const int64_t step = state.trainer.global_step;
+  auto staged = stage(state);
+  if (options_.async) {
     // Ranks agree on it (rank 0 stages more than the others), so the update's wait stays collective.
     auto live = torch::full({1}, staging_.aliases_live() ? 1.0f : 0.0f);
-    allreduce_sum(comm_, live);
+    sum_over_ranks(comm_, live);
     in_flight_reads_live_ = live.item<float>() > 0;
     start_background_write(staged);
     in_flight_staged_ = staged;
@@ -401,7 +374,7 @@ void CheckpointSaver::save(const checkpoint::TrainerState& state, const RunSigna
     write_synchronously(staged);
   }
   const double blocked = seconds_since(start);
-  timings_.push_back({state.global_step, waited, blocked, async_ ? -1.0 : blocked});
+  timings_.push_back({step, waited, blocked, options_.async ? -1.0 : blocked});
 }
 
 void CheckpointSaver::check() {
@@ -409,7 +382,7 @@ void CheckpointSaver::check() {
   const bool done = writer_.finished();
   const std::string error = done ? writer_.error() : "";
   auto flags = torch::tensor({error.empty() ? 0.0f : 1.0f, done ? 1.0f : 0.0f});
-  allreduce_sum(comm_, flags);
+  sum_over_ranks(comm_, flags);
   const int64_t step = in_flight_staged_->step;
   if (!error.empty()) throw Error(error);
   if (flags[0].item<float>() > 0) throw Error(saving(step) + " failed on another rank (see its error)");
@@ -437,4 +410,4 @@ void CheckpointSaver::finish() {
   }
 }
 
-}  // namespace llava::train
+}  // namespace llava::checkpoint

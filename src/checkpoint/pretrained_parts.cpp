@@ -1,4 +1,4 @@
-#include "train/pretrained_parts.h"
+#include "checkpoint/pretrained_parts.h"
 
 #include <cstring>
 #include <filesystem>
@@ -12,7 +12,7 @@
 #include "io/torch_archive.h"
 #include "model/weights.h"
 
-namespace llava::train {
+namespace llava::checkpoint {
 
 namespace {
 
@@ -22,7 +22,8 @@ std::string strip_suffix(const std::string& s, const std::string& suffix) {
              : s;
 }
 
-// Every Linear of the model by our (canonical) module path.
+}  // namespace
+
 std::map<std::string, std::shared_ptr<model::LinearImpl>> linear_modules(model::LlavaForConditionalGeneration& model) {
   std::map<std::string, std::shared_ptr<model::LinearImpl>> linears;
   for (auto& item : model->named_modules("", false))
@@ -30,45 +31,17 @@ std::map<std::string, std::shared_ptr<model::LinearImpl>> linear_modules(model::
   return linears;
 }
 
-}  // namespace
-
-checkpoint::AdapterModuleNames adapter_module_names(model::LlavaForConditionalGeneration& model) {
+AdapterModuleNames adapter_module_names(model::LlavaForConditionalGeneration& model) {
   std::vector<std::string> weight_names;
   for (auto& [path, linear] : linear_modules(model)) weight_names.push_back(path + ".weight");
-  checkpoint::AdapterModuleNames names;  // PEFT names modules, not weights: drop ".weight" on both sides
+  AdapterModuleNames names;  // PEFT names modules, not weights: drop ".weight" on both sides
   for (auto& [name, canonical] : model::names_in_any_layout(weight_names, /*own_tower_dir=*/false))
     names.emplace(strip_suffix(name, ".weight"), strip_suffix(canonical, ".weight"));
   return names;
 }
 
-checkpoint::PeftLoraAdapter read_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir) {
-  return checkpoint::read_peft_lora_adapter(dir, adapter_module_names(model));
-}
-
-std::vector<LoraModule> load_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir) {
-  const auto adapter = read_lora_adapter(model, dir);
-  const auto linears = linear_modules(model);
-  LoraConfig config;
-  config.r = adapter.r;
-  config.alpha = adapter.lora_alpha;
-  config.use_rslora = adapter.use_rslora;
-  std::vector<LoraModule> attached;
-  torch::NoGradGuard no_grad;
-  for (auto& [path, weights] : adapter.modules) {
-    const auto& linear = linears.at(path);
-    if (weights.A.size(1) != linear->in_features() || weights.B.size(0) != linear->out_features())
-      fail(adapter.tensor_file, "'" + weights.key + "': lora_A " + c10::str(weights.A.sizes()) + " / lora_B " +
-                                    c10::str(weights.B.sizes()) + " do not fit the Linear '" + path + "' [" +
-                                    std::to_string(linear->out_features()) + ", " +
-                                    std::to_string(linear->in_features()) + "]");
-    auto lora = std::make_shared<LoraAdapter>(linear->in_features(), linear->out_features(), config,
-                                              linear->weight.options().requires_grad(false));
-    lora->lora_A.copy_(weights.A);
-    lora->lora_B.copy_(weights.B);
-    linear->adapter = lora;
-    attached.push_back({path, model::Linear(linear), lora});
-  }
-  return attached;
+PeftLoraAdapter read_lora_adapter(model::LlavaForConditionalGeneration& model, const std::string& dir) {
+  return read_peft_lora_adapter(dir, adapter_module_names(model));
 }
 
 namespace {
@@ -79,18 +52,19 @@ std::string regex_escape(const std::string& s) {
 }
 
 // adapter_config.json's target_modules: what makes PEFT wrap exactly the modules we trained.
-nlohmann::json peft_target_modules(const TargetModules& targets, const std::set<std::string>& suffixes,
+nlohmann::json peft_target_modules(const PeftLoraSettings& settings, const std::set<std::string>& suffixes,
                                    const std::vector<std::string>& module_paths) {
+  using Targets = PeftLoraSettings::Targets;
   // Suffix lists and all-linear mean in PEFT what they mean here (attach_lora follows PEFT on the same
   // module tree), in either key layout.
-  if (targets.kind == TargetModules::Kind::Suffixes)  // none given (adapters loaded from files): theirs
-    return targets.suffixes.empty() ? std::vector<std::string>(suffixes.begin(), suffixes.end()) : targets.suffixes;
-  if (targets.kind == TargetModules::Kind::AllLinear) return "all-linear";
+  if (settings.targets == Targets::kSuffixes)  // none given (adapters loaded from files): theirs
+    return settings.suffixes.empty() ? std::vector<std::string>(suffixes.begin(), suffixes.end()) : settings.suffixes;
+  if (settings.targets == Targets::kAllLinear) return "all-linear";
   std::string alternatives;
   // LLaVA's default, every LLM Linear: PEFT's regex form (re.fullmatch on the module name) that matches the
   // language model in both key layouts (model.language_model.* and language_model.model.*). A suffix list
   // would also wrap the CLIP tower's q_proj/k_proj/v_proj.
-  if (targets.regex == kLlavaDefaultLoraRegex) {
+  if (settings.targets == Targets::kLlavaLanguageModel) {
     for (auto& s : suffixes) alternatives += (alternatives.empty() ? "" : "|") + s;
     return ".*language_model.*\\.(" + alternatives + ")";
   }
@@ -101,19 +75,13 @@ nlohmann::json peft_target_modules(const TargetModules& targets, const std::set<
 }
 }  // namespace
 
-void save_lora_adapter(const std::string& dir, const std::vector<LoraModule>& modules, const LoraConfig& config,
-                       const model::WeightLayout& layout, const std::string& base_model_name_or_path) {
-  std::vector<LoraWeights> weights;
-  for (auto& m : modules) weights.push_back({m.path, m.adapter->lora_A.detach(), m.adapter->lora_B.detach()});
-  save_lora_adapter(dir, weights, config, layout, base_model_name_or_path);
-}
-
-void save_lora_adapter(const std::string& dir, const std::vector<LoraWeights>& modules, const LoraConfig& config,
-                       const model::WeightLayout& layout, const std::string& base_model_name_or_path) {
-  checkpoint::PeftLoraAdapter adapter;
-  adapter.r = config.r;
-  adapter.lora_alpha = config.alpha;
-  adapter.use_rslora = config.use_rslora;
+void save_lora_adapter(const std::string& dir, const std::vector<LoraModuleWeights>& modules,
+                       const PeftLoraSettings& settings, const model::WeightLayout& layout,
+                       const std::string& base_model_name_or_path) {
+  PeftLoraAdapter adapter;
+  adapter.r = settings.r;
+  adapter.lora_alpha = settings.alpha;
+  adapter.use_rslora = settings.use_rslora;
   std::set<std::string> suffixes;
   std::vector<std::string> paths;
   for (auto& m : modules) {
@@ -122,8 +90,8 @@ void save_lora_adapter(const std::string& dir, const std::vector<LoraWeights>& m
     suffixes.insert(path.substr(path.rfind('.') + 1));
     paths.push_back(path);
   }
-  const auto target_modules = peft_target_modules(config.target_modules, suffixes, paths);
-  checkpoint::write_peft_lora_adapter(dir, adapter, config.dropout, target_modules, base_model_name_or_path);
+  const auto target_modules = peft_target_modules(settings, suffixes, paths);
+  write_peft_lora_adapter(dir, adapter, settings.dropout, target_modules, base_model_name_or_path);
 }
 
 void load_projector_weights(model::LlavaForConditionalGeneration& model, const std::string& path) {
@@ -192,4 +160,4 @@ std::vector<std::string> save_full_model(const std::string& dir, const std::vect
   return io::save_sharded(dir, tensors, max_shard_bytes);
 }
 
-}  // namespace llava::train
+}  // namespace llava::checkpoint

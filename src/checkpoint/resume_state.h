@@ -19,9 +19,9 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
-#include "train/sharded_adamw.h"
+#include "checkpoint/optimizer_state.h"
 
-namespace llava::train {
+namespace llava::checkpoint {
 
 struct RunSignature {
   std::vector<std::pair<std::string, std::vector<int64_t>>> trainables;  // named_parameters() order
@@ -80,4 +80,4 @@ std::vector<RangeState> read_zero_shards(const std::string& dir);
 void write_master_weights(const std::string& dir, const std::vector<std::pair<std::string, torch::Tensor>>& weights);
 std::vector<std::pair<std::string, torch::Tensor>> read_master_weights(const std::string& dir);
 
-}  // namespace llava::train
+}  // namespace llava::checkpoint

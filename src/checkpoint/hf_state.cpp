@@ -1,10 +1,10 @@
-#include "train/hf_state.h"
+#include "checkpoint/hf_state.h"
 
 #include "checkpoint/torch_optimizer.h"
 #include "io/error.h"
 #include "io/pickle.h"
 
-namespace llava::train {
+namespace llava::checkpoint {
 
 namespace {
 
@@ -22,16 +22,16 @@ const c10::IValue& entry(const c10::impl::GenericDict& dict, const std::string& 
 
 }  // namespace
 
-c10::IValue adamw_state_dict(const AdamW& optimizer) {
+c10::IValue adamw_state_dict(const AdamWState& optimizer) {
   auto state = io::pickle::new_dict();
   auto groups = io::pickle::new_list();
   int64_t id = 0;
-  for (size_t g = 0; g < optimizer.groups().size(); ++g) {
-    const ParamGroup& group = optimizer.groups()[g];
+  for (size_t g = 0; g < optimizer.groups.size(); ++g) {
+    const ParamGroup& group = optimizer.groups[g];
     auto ids = io::pickle::new_list();
     for (size_t i = 0; i < group.params.size(); ++i, ++id) {
       ids.push_back(id);
-      const AdamState& s = optimizer.state()[g][i];
+      const AdamState& s = optimizer.state[g][i];
       if (!s.initialized()) continue;
       auto param_state = io::pickle::new_dict();
       param_state.insert("step", torch::tensor(static_cast<float>(s.step)));
@@ -39,9 +39,9 @@ c10::IValue adamw_state_dict(const AdamW& optimizer) {
       param_state.insert("exp_avg_sq", s.exp_avg_sq);
       state.insert(id, param_state);
     }
-    const auto& o = optimizer.options();
+    const auto& o = optimizer.options;
     groups.push_back(
-        checkpoint::adamw_param_group({group.weight_decay, group.lr, o.beta1, o.beta2, o.eps, group.base_lr}, ids));
+        adamw_param_group({group.weight_decay, group.lr, o.beta1, o.beta2, o.eps, group.base_lr}, ids));
   }
   auto root = io::pickle::new_dict();
   root.insert("state", state);
@@ -49,21 +49,21 @@ c10::IValue adamw_state_dict(const AdamW& optimizer) {
   return root;
 }
 
-void load_adamw_state_dict(AdamW& optimizer, const c10::IValue& value, const std::string& where) {
+void load_adamw_state_dict(AdamWState& optimizer, const c10::IValue& value, const std::string& where) {
   if (!value.isGenericDict()) fail(where, "optimizer state must be a dict");
   auto root = value.toGenericDict();
   const auto& groups_value = entry(root, "param_groups", where);
   const auto& state_value = entry(root, "state", where);
   if (!groups_value.isList() || !state_value.isGenericDict()) fail(where, "param_groups must be a list and state a dict");
   auto groups = groups_value.toList();
-  if (groups.size() != optimizer.groups().size())
+  if (groups.size() != optimizer.groups.size())
     fail(where, "has " + std::to_string(groups.size()) + " parameter groups, this run has " +
-                    std::to_string(optimizer.groups().size()));
+                    std::to_string(optimizer.groups.size()));
   auto state = state_value.toGenericDict();
   for (size_t g = 0; g < groups.size(); ++g) {
     if (!groups.get(g).isGenericDict()) fail(where, "param_groups[" + std::to_string(g) + "] must be a dict");
     auto saved = groups.get(g).toGenericDict();
-    ParamGroup& group = optimizer.groups()[g];
+    ParamGroup& group = optimizer.groups[g];
     auto ids = entry(saved, "params", where).toList();
     if (ids.size() != group.params.size())
       fail(where, "param group " + std::to_string(g) + " (" + group.name + ") has " + std::to_string(ids.size()) +
@@ -75,7 +75,7 @@ void load_adamw_state_dict(AdamW& optimizer, const c10::IValue& value, const std
       auto it = state.find(ids.get(i));
       if (it == state.end()) continue;  // never stepped
       auto s = it->value().toGenericDict();
-      AdamState& dst = optimizer.state()[g][i];
+      AdamState& dst = optimizer.state[g][i];
       const auto& param = group.params[i];
       auto exp_avg = entry(s, "exp_avg", where).toTensor(), exp_avg_sq = entry(s, "exp_avg_sq", where).toTensor();
       if (exp_avg.sizes() != param.sizes() || exp_avg_sq.sizes() != param.sizes())
@@ -93,9 +93,9 @@ void load_adamw_state_dict(AdamW& optimizer, const c10::IValue& value, const std
   }
 }
 
-c10::IValue lambda_lr_state_dict(const AdamW& optimizer, int64_t steps) {
+c10::IValue lambda_lr_state_dict(const std::vector<ParamGroup>& groups, int64_t steps) {
   std::vector<double> base, last;
-  for (auto& g : optimizer.groups()) {
+  for (auto& g : groups) {
     base.push_back(g.base_lr);
     last.push_back(g.lr);
   }
@@ -112,4 +112,4 @@ c10::IValue lambda_lr_state_dict(const AdamW& optimizer, int64_t steps) {
   return d;
 }
 
-}  // namespace llava::train
+}  // namespace llava::checkpoint

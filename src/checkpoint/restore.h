@@ -1,0 +1,56 @@
+// Reading a checkpoint-N back for a resume: ours (any world size and ZeRO stage), HF Trainer + PEFT's, and
+// HF Trainer + DeepSpeed's (ZeRO 1/2, global_stepN/ without optimizer.pt). Which files hold what is decided
+// here; the trainer hands over what its run is and puts the optimizer state and generator states it gets
+// back into its optimizer and generators.
+#pragma once
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/checkpoint_saver.h"
+#include "checkpoint/optimizer_state.h"
+#include "checkpoint/resume_state.h"
+#include "model/llava.h"
+
+namespace llava::checkpoint {
+
+// resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
+// or a checkpoint dir (an error naming it when it has no trainer_state.json). Returns "" for a fresh start.
+std::string checkpoint_to_resume(const std::string& resume_from_checkpoint, const std::string& output_dir);
+
+// What the resuming run is.
+struct RestoreRequest {
+  std::string dir;                              // the checkpoint-N folder
+  std::string base_model;                       // model_name_or_path: the checkpoint's config.json must match it
+  RunSignature now;                             // checked against the checkpoint's llava_resume.json
+  TrainingState::Weights weights = TrainingState::Weights::kFull;
+  model::LlavaForConditionalGeneration* model = nullptr;  // the projector / every weight is copied into it
+  std::function<void(const std::string& dir)> load_lora;  // kLora: the run's LoRA modules take dir's adapter
+  std::vector<ParamGroup> groups;               // the run's optimizer groups (names, live parameters)
+  int rank = 0;
+  bool cuda = false;                            // the run is on a CUDA device: its generator state is read too
+  int cuda_device = -1;                         // with `cuda`: its index (HF's files hold each device's state)
+};
+
+struct Restored {
+  TrainerState trainer;                        // trainer_state.json
+  std::optional<RunSignature> saved;           // llava_resume.json (ours only)
+  std::vector<std::string> changes;            // allowed differences to log (world size, ZeRO stage, dtype)
+  // The optimizer: our ZeRO shards by range (`ranges_where` names them), else the whole state.
+  std::vector<RangeState> ranges;
+  std::string ranges_where;
+  std::optional<AdamWState> whole;             // groups, lrs and per-parameter state (options default)
+  NamedTensors masters;                        // fp32 master weights by name (may be empty)
+  std::optional<torch::Tensor> cpu_rng, cuda_rng;  // this rank's generator states (ours, else HF's)
+};
+
+// Checks the checkpoint against the run (another model or an incompatible run: a llava::Error naming the
+// difference, before anything changes), copies its trained weights into the model (LoRA through
+// request.load_lora) and reads the optimizer and this rank's generator states.
+Restored restore(const RestoreRequest& request);
+
+}  // namespace llava::checkpoint
