@@ -72,13 +72,27 @@ STAGES = {"stage1": {"tune_mm_mlp_adapter": True, "learning_rate": 1e-3},
           "full": {"learning_rate": 2e-5}}
 
 
-def train(build, root, name, settings, *extra):
+def train(build, root, name, settings, *extra, output=None):
     out = {**settings, "output_dir": os.path.join(root, name)}
     cfg = common.write_config(os.path.join(root, f"{name}.yaml"), out)
     metrics = os.path.join(root, f"{name}.json")
     trained = os.path.join(root, f"{name}.safetensors")
-    llava(build, "train", cfg, "--metrics-out", metrics, "--save-trainables", trained, *extra)
+    proc = llava(build, "train", cfg, "--metrics-out", metrics, "--save-trainables", trained, *extra)
+    if output is not None:
+        output.append(proc.stdout + proc.stderr)
     return json.load(open(metrics))["steps"], trained
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def device_waits(build, root, stage, settings):
+    """Host-device waits inside the forward and backward passes of 3 steps (2 micro-batches each): c10's sync
+    debug mode warns at each (`--warn-device-syncs`); no saves, so no other thread copies meanwhile."""
+    output = []
+    train(build, root, f"{stage}_waits", {**settings, "max_steps": 3, "gradient_accumulation_steps": 2,
+                                          "save_strategy": "no"}, "--warn-device-syncs", output=output)
+    return output[0].count(SYNC_WARNING)
 
 
 def losses(steps):
@@ -108,10 +122,12 @@ def check_training(build, device, root):
         cross, _ = train(build, root, f"{stage}_cross", {**dev_settings, "device": "cpu",
                                                           "resume_from_checkpoint": os.path.join(root, f"{stage}_dev", "checkpoint-3")})
         cross_worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(losses(cross), losses(whole)[3:]))
+        waits = device_waits(build, root, stage, dev_settings)
         result[stage] = {"losses_device_bf16": losses(whole), "losses_cpu_fp32": losses(cpu),
+                         "device_waits_in_forward_backward": waits,
                          "worst_relative_loss_diff": worst, "resume_bitwise": bitwise,
                          "device_checkpoint_on_cpu_worst_relative_loss_diff": cross_worst,
-                         "ok": worst <= 2e-2 and bitwise and cross_worst <= 2e-2}
+                         "ok": worst <= 2e-2 and bitwise and cross_worst <= 2e-2 and waits == 0}
     result["ok"] = all(r["ok"] for r in result.values())
     return result
 
@@ -161,7 +177,8 @@ def table(results):
         t = results.get("training", {}).get(stage)
         if t:
             rows.append([f"2 train {stage}", f"loss vs CPU fp32 {t['worst_relative_loss_diff']:.1e} rel; resume bitwise "
-                         f"{t['resume_bitwise']}; on CPU {t['device_checkpoint_on_cpu_worst_relative_loss_diff']:.1e}", t["ok"]])
+                         f"{t['resume_bitwise']}; on CPU {t['device_checkpoint_on_cpu_worst_relative_loss_diff']:.1e}; "
+                         f"host waits in fwd/bwd {t['device_waits_in_forward_backward']}", t["ok"]])
     n = results.get("nccl")
     if n:
         rows.append(["3 nccl world 1", n.get("skipped", "collectives on CUDA tensors"), n["ok"]])

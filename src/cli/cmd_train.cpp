@@ -5,6 +5,7 @@
 //   --metrics-out FILE.json   every optimizer step's loss, grad_norm, learning_rate, epoch; ZeRO state bytes
 //   --save-trainables FILE    the trainable tensors after the last step, as safetensors
 //   --stop-after-steps N, --stop-after-micro-batches N   stop there as if killed (no final save)
+//   --warn-device-syncs       CUDA: a warning at every host-device wait inside a forward or backward pass
 #include <cxxopts.hpp>
 #include <iostream>
 
@@ -46,7 +47,9 @@ int run_train(int argc, char** argv) {
       "stop-after-steps", "debug/test: stop after this optimizer step, as if killed (no final save)",
       cxxopts::value<int64_t>()->default_value("0"))(
       "stop-after-micro-batches", "debug/test: stop after this many backward passes, as if killed mid-window",
-      cxxopts::value<int64_t>()->default_value("0"))("h,help", "show help");
+      cxxopts::value<int64_t>()->default_value("0"))(
+      "warn-device-syncs", "debug: on CUDA, warn at each host-device wait inside a forward or backward pass")(
+      "h,help", "show help");
   options.parse_positional({"config"});
   options.positional_help("CONFIG.yaml [--set key=value ...]");
   auto args = llava::io::parse_command_line(options, argc, argv, argv[0]);
@@ -58,7 +61,8 @@ int run_train(int argc, char** argv) {
   llava::train::TrainDebugOptions debug{args["init-lora-from"].as<std::string>(), args["metrics-out"].as<std::string>(),
                                         args["save-trainables"].as<std::string>(),
                                         args["stop-after-steps"].as<int64_t>(),
-                                        args["stop-after-micro-batches"].as<int64_t>()};
+                                        args["stop-after-micro-batches"].as<int64_t>(),
+                                        args.count("warn-device-syncs") > 0};
   llava::train::train(cfg, debug, std::cout);
   if (const int signal_number = llava::train::stopped_by_signal()) return 128 + signal_number;
   return 0;

@@ -73,7 +73,8 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
 }
 
 torch::Tensor LlamaAttentionImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                               const AttentionMask& mask, const torch::Tensor& rows) {
+                                               const AttentionMask& mask, const torch::Tensor& rows,
+                                               const std::vector<int64_t>& rows_per_element) {
   const int64_t b = x.size(0), t = x.size(1), n = rows.size(0);
   auto heads = [&](const torch::Tensor& y, int64_t count) { return y.view({b, t, count, head_dim}).transpose(1, 2); };
   auto pick = [&](const torch::Tensor& y) { return y.reshape({b * t, y.size(-1)}).index_select(0, rows); };  // [N,*]
@@ -83,13 +84,11 @@ torch::Tensor LlamaAttentionImpl::forward_rows(const torch::Tensor& x, const tor
   auto q = q_proj(pick(x)).view({1, n, num_heads, head_dim}).transpose(1, 2);
   q = apply_rope(q, pick(cos).unsqueeze(0), pick(sin).unsqueeze(0));
   // Rows are ascending, so each batch element's rows are one run; they see that element's keys only.
-  const auto batch_of = torch::div(rows, t, "floor");
-  const auto position = rows - batch_of * t;
-  const auto counts = torch::bincount(batch_of, {}, b);
+  const auto position = rows - torch::div(rows, t, "floor") * t;
   const int64_t n_rep = num_heads / num_kv_heads;
   std::vector<torch::Tensor> outs;  // [1,h,n_i,d] each
   for (int64_t i = 0, first = 0; i < b; ++i) {
-    const int64_t count = counts[i].item<int64_t>();
+    const int64_t count = rows_per_element[i];
     if (count == 0) continue;
     const auto pos = position.narrow(0, first, count);
     auto out = attention(q.narrow(2, first, count), repeat_kv(k.narrow(0, i, 1), n_rep),
@@ -133,9 +132,10 @@ torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch
 
 torch::Tensor LlamaDecoderLayerImpl::forward_rows(const torch::Tensor& x, const torch::Tensor& cos,
                                                   const torch::Tensor& sin, const AttentionMask& mask,
-                                                  const torch::Tensor& rows) {
+                                                  const torch::Tensor& rows,
+                                                  const std::vector<int64_t>& rows_per_element) {
   auto h = x.reshape({-1, x.size(-1)}).index_select(0, rows) +
-           self_attn->forward_rows(input_layernorm(x), cos, sin, mask, rows);  // [N,H]
+           self_attn->forward_rows(input_layernorm(x), cos, sin, mask, rows, rows_per_element);  // [N,H]
   return h + mlp(post_attention_layernorm(h));
 }
 
@@ -158,7 +158,7 @@ static double finfo_min(c10::ScalarType dtype) {
 }
 
 AttentionMask causal_mask(const torch::Tensor& attention_mask, int64_t batch, int64_t query_len, int64_t past_len,
-                          c10::ScalarType dtype, torch::Device device) {
+                          c10::ScalarType dtype, torch::Device device, std::optional<bool> every_query_sees_a_key) {
   int64_t key_len = past_len + query_len;
   auto opts = torch::TensorOptions().device(device).dtype(torch::kInt64);
   auto query_pos = torch::arange(past_len, key_len, opts).view({query_len, 1});
@@ -174,8 +174,11 @@ AttentionMask causal_mask(const torch::Tensor& attention_mask, int64_t batch, in
   auto value_opts = torch::TensorOptions().device(device).dtype(dtype);
   AttentionMask mask;
   mask.additive = torch::where(allowed, torch::zeros({}, value_opts), torch::full({}, finfo_min(dtype), value_opts));
+  // A query row with no key to see (left padding) gets softmax of all -inf-like values; HF zeroes it.
+  // Known on the host, or read here (on a GPU, a wait for the device).
+  if (every_query_sees_a_key == true) return mask;
   auto live = allowed.any(-1, /*keepdim=*/true);  // [B,1,T,1]
-  if (!live.all().item<bool>()) mask.live_rows = live;
+  if (every_query_sees_a_key == false || !live.all().item<bool>()) mask.live_rows = live;
   return mask;
 }
 
@@ -186,7 +189,8 @@ torch::Tensor LlamaModelImpl::run_layer(size_t index, const torch::Tensor& h,
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
-                                      const torch::Tensor& position_ids, KVCache* cache) {
+                                      const torch::Tensor& position_ids, KVCache* cache,
+                                      std::optional<bool> every_query_sees_a_key) {
   int64_t b = inputs_embeds.size(0), t = inputs_embeds.size(1);
   int64_t past = cache ? cache->length() : 0;
   auto positions = position_ids.defined()
@@ -195,7 +199,8 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const 
                              .unsqueeze(0)
                              .expand({b, t});
   auto [cos, sin] = rope.tables(positions, inputs_embeds.scalar_type());
-  auto mask = causal_mask(attention_mask, b, t, past, inputs_embeds.scalar_type(), inputs_embeds.device());
+  auto mask = causal_mask(attention_mask, b, t, past, inputs_embeds.scalar_type(), inputs_embeds.device(),
+                          every_query_sees_a_key);
   const bool recompute = checkpointing_active(*this, gradient_checkpointing) && cache == nullptr;
   auto h = inputs_embeds;  // [B,T,H]
   for (size_t i = 0; i < layers->size(); ++i) {
@@ -209,21 +214,30 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& inputs_embeds, const 
 }
 
 torch::Tensor LlamaModelImpl::forward_rows(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
-                                           const torch::Tensor& rows) {
+                                           const torch::Tensor& rows, std::vector<int64_t> rows_per_element,
+                                           std::optional<bool> every_query_sees_a_key) {
   const int64_t b = inputs_embeds.size(0), t = inputs_embeds.size(1);
+  if (rows_per_element.empty()) {  // rows ascending: counted per element (a read of the device)
+    auto counts = torch::bincount(torch::div(rows, t, "floor"), {}, b).cpu();
+    rows_per_element.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + b);
+  }
+  if (static_cast<int64_t>(rows_per_element.size()) != b)
+    fail("forward_rows", "rows_per_element has " + std::to_string(rows_per_element.size()) + " entries, expected " +
+                             std::to_string(b));
   const auto dtype = inputs_embeds.scalar_type();
   const auto device = inputs_embeds.device();
   auto positions = torch::arange(t, torch::TensorOptions().dtype(torch::kInt64).device(device)).unsqueeze(0).expand({b, t});
   auto [cos, sin] = rope.tables(positions, dtype);
-  auto mask = causal_mask(attention_mask, b, t, /*past_len=*/0, dtype, device);
+  auto mask = causal_mask(attention_mask, b, t, /*past_len=*/0, dtype, device, every_query_sees_a_key);
   const bool recompute = checkpointing_active(*this, gradient_checkpointing);
   if (layers->size() == 0) return norm(inputs_embeds.reshape({b * t, -1}).index_select(0, rows));
   const size_t last = layers->size() - 1;
   auto h = inputs_embeds;  // [B,T,H], then [N,H] after the last layer
   for (size_t i = 0; i <= last; ++i) {
     auto layer = layers->ptr<LlamaDecoderLayerImpl>(i);
-    h = run_layer(i, h, [layer, cos = cos, sin = sin, mask, rows, i, last](const torch::Tensor& x) {
-      return i < last ? layer->forward(x, cos, sin, mask, nullptr, i) : layer->forward_rows(x, cos, sin, mask, rows);
+    h = run_layer(i, h, [layer, cos = cos, sin = sin, mask, rows, rows_per_element, i, last](const torch::Tensor& x) {
+      return i < last ? layer->forward(x, cos, sin, mask, nullptr, i)
+                      : layer->forward_rows(x, cos, sin, mask, rows, rows_per_element);
     }, recompute);
   }
   return norm(h);

@@ -2,6 +2,7 @@
 // and a gated MLP, final RMSNorm. The lm_head lives in LlavaForConditionalGeneration.
 #pragma once
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include <torch/torch.h>
@@ -44,7 +45,8 @@ class LlamaAttentionImpl : public torch::nn::Module {
   // forward(x, ...).reshape({B*T, H}).index_select(0, rows), computing queries, attention and o_proj for
   // those rows only (keys and values still cover every position). rows [N] int64 ascending, into B*T.
   torch::Tensor forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                             const struct AttentionMask& mask, const torch::Tensor& rows);
+                             const struct AttentionMask& mask, const torch::Tensor& rows,
+                             const std::vector<int64_t>& rows_per_element);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   int64_t num_heads, num_kv_heads, head_dim;
 };
@@ -66,7 +68,8 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
                         const AttentionMask& mask, KVCache* cache, size_t layer_index);
   // The output at `rows` only ([N,H]; see LlamaAttentionImpl::forward_rows).
   torch::Tensor forward_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                             const AttentionMask& mask, const torch::Tensor& rows);
+                             const AttentionMask& mask, const torch::Tensor& rows,
+                             const std::vector<int64_t>& rows_per_element);
   LlamaAttention self_attn{nullptr};
   LlamaMlp mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
@@ -80,15 +83,21 @@ class LlamaModelImpl : public torch::nn::Module {
   // inputs_embeds [B,T,H]; attention_mask [B,S] (1 = token, 0 = padding; S = cached + T) or undefined;
   // position_ids [B,T] or undefined (= arange from the cache length, like HF's forward).
   // Returns the final-normed hidden states [B,T,H].
+  // every_query_sees_a_key: whether each query row has a key it may attend to, when the caller knows it
+  // on the host (unset: read from the mask, which on a GPU waits for the device).
   torch::Tensor forward(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
-                        const torch::Tensor& position_ids, KVCache* cache);
+                        const torch::Tensor& position_ids, KVCache* cache,
+                        std::optional<bool> every_query_sees_a_key = std::nullopt);
   // forward(inputs_embeds, attention_mask, {}, nullptr).reshape({B*T, H}).index_select(0, rows) -> [N,H],
   // rows [N] int64 ascending into the flattened B*T positions. Attention is causal, so nothing downstream
   // of the last layer's keys and values mixes positions: that layer runs its queries, attention, o_proj
   // and MLP, and the final norm, for the N rows only. Training scores few positions (the answers), so
   // this skips most of the last layer.
+  // rows_per_element [B]: how many of `rows` fall in each batch element, and every_query_sees_a_key, when
+  // the caller knows them on the host (empty / unset: computed from the tensors, waiting for the device).
   torch::Tensor forward_rows(const torch::Tensor& inputs_embeds, const torch::Tensor& attention_mask,
-                             const torch::Tensor& rows);
+                             const torch::Tensor& rows, std::vector<int64_t> rows_per_element = {},
+                             std::optional<bool> every_query_sees_a_key = std::nullopt);
 
   Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers;
@@ -107,8 +116,10 @@ class LlamaModelImpl : public torch::nn::Module {
 TORCH_MODULE(LlamaModel);
 
 // Query t may see key s when s <= past + t and key s is not padding. attention_mask [B,S] (1 = token) or
-// undefined.
+// undefined. every_query_sees_a_key: known on the host (true: no live_rows; false: live_rows set), or unset:
+// read from the mask.
 AttentionMask causal_mask(const torch::Tensor& attention_mask, int64_t batch, int64_t query_len, int64_t past_len,
-                          c10::ScalarType dtype, torch::Device device);
+                          c10::ScalarType dtype, torch::Device device,
+                          std::optional<bool> every_query_sees_a_key = std::nullopt);
 
 }  // namespace llava::model

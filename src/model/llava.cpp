@@ -30,12 +30,21 @@ torch::Tensor LlavaModelImpl::image_features(const torch::Tensor& pixel_values) 
   return multi_modal_projector(selected);
 }
 
-torch::Tensor LlavaModelImpl::input_embeddings(const torch::Tensor& input_ids, const torch::Tensor& pixel_values) {
+torch::Tensor LlavaModelImpl::image_rows(const torch::Tensor& input_ids) const {
+  return input_ids.eq(config.image_token_index).reshape({-1}).nonzero().squeeze(1);
+}
+
+torch::Tensor LlavaModelImpl::input_embeddings(const torch::Tensor& input_ids, const torch::Tensor& pixel_values,
+                                               const torch::Tensor& known_image_rows) {
   if (input_ids.dim() != 2) fail("input_ids", "expected [B,T], got " + c10::str(input_ids.sizes()));
-  auto image_slots = input_ids == config.image_token_index;  // [B,T]
+  const int64_t b = input_ids.size(0), t = input_ids.size(1);
   // Image slots are overwritten below; embed a valid id there (the original LLaVA marker -200 is no row).
-  auto embeds = language_model->embed_tokens(input_ids.masked_fill(image_slots, 0));  // [B,T,H]
-  int64_t slots = image_slots.sum().item<int64_t>();
+  auto embeds = language_model->embed_tokens(input_ids.masked_fill(input_ids == config.image_token_index, 0));  // [B,T,H]
+  // A host tensor goes to the device without waiting (pinned, non_blocking).
+  auto rows = !known_image_rows.defined()                       ? image_rows(input_ids)
+              : known_image_rows.device() == input_ids.device() ? known_image_rows
+                                                                : known_image_rows.pin_memory().to(input_ids.device(), true);
+  const int64_t slots = rows.size(0);  // [S]
   if (!pixel_values.defined()) {
     if (slots != 0)
       fail("input_ids", std::to_string(slots) + " image tokens (id " + std::to_string(config.image_token_index) +
@@ -48,7 +57,12 @@ torch::Tensor LlavaModelImpl::input_embeddings(const torch::Tensor& input_ids, c
                           " tokens with id " + std::to_string(config.image_token_index) + ", but " +
                           std::to_string(features.size(0)) + " images x " + std::to_string(features.size(1)) +
                           " features");
-  return embeds.masked_scatter(image_slots.unsqueeze(-1), features.to(embeds.scalar_type()));
+  // HF's masked_scatter, as a copy to the rows: the same values, and a backward without masked_select,
+  // which must wait for the device to learn its output size.
+  const int64_t hidden = embeds.size(-1);
+  return embeds.reshape({b * t, hidden})
+      .index_copy(0, rows, features.reshape({slots, hidden}).to(embeds.scalar_type()))
+      .view({b, t, hidden});
 }
 
 LlavaForConditionalGenerationImpl::LlavaForConditionalGenerationImpl(const LlavaConfig& c,

@@ -34,8 +34,12 @@ class LlavaModelImpl : public torch::nn::Module {
 
   // Token embeddings with image features written, in order, into the image-token slots (HF's
   // masked_scatter). input_ids [B,T]; pixel_values [N,3,H,W] or undefined. Error if the number of image
-  // tokens is not N * image_seq_length.
-  torch::Tensor input_embeddings(const torch::Tensor& input_ids, const torch::Tensor& pixel_values);
+  // tokens is not N * image_seq_length. image_rows: image_rows(input_ids) when the caller knows it on the
+  // host (undefined: found here, which on a GPU waits for the device).
+  torch::Tensor input_embeddings(const torch::Tensor& input_ids, const torch::Tensor& pixel_values,
+                                 const torch::Tensor& image_rows = {});
+  // The image tokens' flat positions b*T+t in input_ids [B,T], ascending: [S] int64.
+  torch::Tensor image_rows(const torch::Tensor& input_ids) const;
 
   ClipVisionModel vision_tower{nullptr};
   LlavaProjector multi_modal_projector{nullptr};

@@ -2,6 +2,9 @@
 
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/cuda.h>
+#ifdef LLAVA_HAS_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <string>
 
@@ -58,6 +61,18 @@ data::Batch batch_on_device(data::Batch batch, const torch::Device& device) {
   for (auto* t : {&batch.input_ids, &batch.labels, &batch.attention_mask, &batch.pixel_values, &batch.has_image}) move(*t);
   return batch;
 }
+
+#ifdef LLAVA_HAS_CUDA
+DeviceSyncWarnings::DeviceSyncWarnings(bool on, const torch::Device& device) : active_(on && device.is_cuda()) {
+  if (active_) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_WARN);
+}
+DeviceSyncWarnings::~DeviceSyncWarnings() {
+  if (active_) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+}
+#else
+DeviceSyncWarnings::DeviceSyncWarnings(bool, const torch::Device&) {}
+DeviceSyncWarnings::~DeviceSyncWarnings() = default;
+#endif
 
 void allreduce_sum(dist::Communicator& comm, torch::Tensor& t) {
   if (comm.world_size() == 1) return;

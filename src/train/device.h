@@ -29,6 +29,22 @@ bool async_save_enabled(const TrainConfig& c, const torch::Device& device);
 // overlaps whatever the device still runs), when the device is CUDA; the batch itself on the CPU.
 data::Batch batch_on_device(data::Batch batch, const torch::Device& device);
 
+// While it lives (and `on`, and the device is CUDA), every CUDA operation that makes the host wait for the
+// device prints a warning "called a synchronizing CUDA operation": c10's sync debug mode, Python's
+// torch.cuda.set_sync_debug_mode("warn"). `llava train --warn-device-syncs` puts it around each
+// micro-batch's forward and backward, where nothing should wait (scripts/gpu-check.sh counts the lines).
+// Nothing on the CPU, nor in a build without CUDA (which cannot have a CUDA device).
+class DeviceSyncWarnings {
+ public:
+  DeviceSyncWarnings(bool on, const torch::Device& device);
+  ~DeviceSyncWarnings();
+  DeviceSyncWarnings(const DeviceSyncWarnings&) = delete;
+  DeviceSyncWarnings& operator=(const DeviceSyncWarnings&) = delete;
+
+ private:
+  bool active_ = false;
+};
+
 // Sums `t` over the ranks. The backend takes its buffers on the communicator's device (NCCL: the CUDA
 // device only), so a host tensor makes the trip there and back; on the CPU this is the plain all-reduce.
 void allreduce_sum(dist::Communicator& comm, torch::Tensor& t);

@@ -24,15 +24,21 @@ void StepValues::add(const StepMetrics& m, const torch::Tensor& loss, const torc
   pending_.push_back({m, loss, grad_norm});
 }
 
-StepMetrics StepValues::add_and_read(const StepMetrics& m, const torch::Tensor& loss, const torch::Tensor& grad_norm) {
-  loss_since_log_ += loss;
+StepMetrics StepValues::add_and_read(const StepMetrics& m, const torch::Tensor& loss, const torch::Tensor& grad_norm,
+                                     int64_t steps_since_log) {
   const auto read = reads_.read(
       torch::cat({loss.reshape({1}), grad_norm.reshape({1}).to(torch::kFloat64), loss_since_log_.reshape({1})}), m.step);
   const double* v = read.data_ptr<double>();
   StepMetrics known = m;
   known.loss = v[0];
   known.grad_norm = v[1];
-  host_loss_since_log_ = v[2];
+  if (std::isfinite(known.loss)) {
+    loss_since_log_ += loss;  // fp64 on either side: the host's sum below is the same number
+    host_loss_since_log_ = v[2] + known.loss;
+  } else {
+    host_loss_since_log_ = v[2] + v[2] / static_cast<double>(1 + steps_since_log);
+    loss_since_log_.fill_(host_loss_since_log_);
+  }
   host_sum_current_ = true;
   pending_.push_back({known, {}, {}});
   return known;

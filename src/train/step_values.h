@@ -44,8 +44,11 @@ class StepValues {
   // the other fields of `m` are known on the host. The loss joins the sum of the log line in progress.
   void add(const StepMetrics& m, const torch::Tensor& loss, const torch::Tensor& grad_norm);
   // The same, read back at once (skip_nonfinite_steps decides on every step): returns `m` with its loss and
-  // grad_norm; the loss sum comes back in the same transfer, so a log line needs no other read.
-  StepMetrics add_and_read(const StepMetrics& m, const torch::Tensor& loss, const torch::Tensor& grad_norm);
+  // grad_norm; the loss sum comes back in the same transfer, so a log line needs no other read. A NaN/Inf
+  // loss adds the mean of the line so far instead, as HF Trainer's logging_nan_inf_filter does
+  // (tr_loss += tr_loss / (1 + steps since the last line, this one not counted)).
+  StepMetrics add_and_read(const StepMetrics& m, const torch::Tensor& loss, const torch::Tensor& grad_norm,
+                           int64_t steps_since_log);
   bool pending_full() const { return pending_.size() >= kMaxPending; }
 
   // Reads every pending step and the loss sum since the last log line back (one transfer, counted at

@@ -220,8 +220,12 @@ int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
 torch::Tensor micro_batch_loss(model::LlavaForConditionalGeneration& model, const data::Batch& batch,
                                const data::Batch& on_device, const torch::Tensor& window_tokens) {
   const bool has_pixels = batch.pixel_values.defined() && batch.pixel_values.size(0) > 0;
+  // The batch's shapes from the host copy: the forward never waits for the device to learn them.
+  const auto layout =
+      model::batch_layout(batch.input_ids, batch.attention_mask, batch.labels, model->config.image_token_index);
   auto loss = model::scored_causal_lm_loss(model, on_device.input_ids, on_device.attention_mask,
-                                           has_pixels ? on_device.pixel_values : torch::Tensor(), on_device.labels);
+                                           has_pixels ? on_device.pixel_values : torch::Tensor(), on_device.labels,
+                                           layout);
   const int64_t n = scored_tokens(batch.labels);
   if (n == 0) return loss;  // 0 that keeps the graph; contributes nothing
   // n / tokens in fp64, then the fp32 multiply: bitwise what `loss * (double(n) / tokens)` on the host gives.
@@ -533,9 +537,13 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         auto loss_sum = torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(device));
         for (size_t i = 0; i < micro_batches.size(); ++i) {
           watchdog.enter(Phase::forward);
-          auto l = micro_batch_loss(model, micro_batches[i], on_device[i], window_tokens);
-          watchdog.enter(Phase::backward);
-          if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
+          torch::Tensor l;
+          {
+            DeviceSyncWarnings no_waits_expected(debug.warn_device_syncs, device);
+            l = micro_batch_loss(model, micro_batches[i], on_device[i], window_tokens);
+            watchdog.enter(Phase::backward);
+            if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
+          }
           optimizer.finish_micro_batch();       // every rank (ZeRO 2: the buckets its backward did not reduce)
           loss_sum += l.detach().to(torch::kFloat64);
           if (++micro_batches_run == debug.stop_after_micro_batches) {  // as if killed here
@@ -556,7 +564,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
           optimizer.update(cfg.max_grad_norm, factor);
           values.add(m, loss_sum, grad_norm);
         } else {  // skipping must be decided before the update: the one read per step this option costs
-          m = values.add_and_read(m, loss_sum, grad_norm);
+          m = values.add_and_read(m, loss_sum, grad_norm, step - last_logged_step);
           if (std::isfinite(m.loss) && std::isfinite(m.grad_norm)) {
             saver.before_update();
             optimizer.update(cfg.max_grad_norm, factor);

@@ -21,6 +21,7 @@ struct TrainDebugOptions {
   int64_t stop_after_steps = 0;  // > 0: stop after that optimizer step without the final save (a kill)
   int64_t stop_after_micro_batches = 0;  // > 0: stop after that many backward passes of this run (a kill
                                          // in the middle of an accumulation window)
+  bool warn_device_syncs = false;  // CUDA: warn at each host-device wait in a micro-batch's forward/backward
 };
 
 // One optimizer step as HF Trainer reports it.

@@ -170,11 +170,12 @@ def test_bad_options_are_clear_errors():
 
 
 # Each round appends "<round> <MASTER_PORT> <TORCHELASTIC_MAX_RESTARTS>" to {d}/rounds$RANK; rank 1 fails
-# (exit 7, after a line on stderr, once rank 0 has written its line) in every round below {fail_below}; the
+# (exit 7, after a line on stderr, once every rank has written its line) in every round below {fail_below}; the
 # others wait for the SIGTERM.
 FLAKY_WORKER = ('echo "$TORCHELASTIC_RESTART_COUNT $MASTER_PORT $TORCHELASTIC_MAX_RESTARTS" >> {d}/rounds$RANK; '
                 'if [ $RANK = 1 ]; then if [ $TORCHELASTIC_RESTART_COUNT -lt {fail_below} ]; then '
-                'until grep -qs "^$TORCHELASTIC_RESTART_COUNT " {d}/rounds0; do sleep 0.02; done; '
+                'for r in $(seq 0 $((WORLD_SIZE - 1))); do '  # every rank has started this round: none is killed
+                'until grep -qs "^$TORCHELASTIC_RESTART_COUNT " {d}/rounds$r; do sleep 0.02; done; done; '
                 'echo "boom in round $TORCHELASTIC_RESTART_COUNT" >&2; exit 7; fi; exit 0; fi; '
                 'if [ $TORCHELASTIC_RESTART_COUNT -lt {fail_below} ]; then sleep 30 & wait $!; fi')
 

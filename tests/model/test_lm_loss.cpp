@@ -130,3 +130,64 @@ TEST_CASE("a batch with no scored token gives 0 and zero gradients, not nan") {
   for (auto& g : grads)
     if (g.defined()) CHECK(g.abs().max().item<double>() == 0.0);
 }
+
+// The layout the trainer computes from its host batch (so a GPU step never waits to learn a shape),
+// against a count written out by hand.
+TEST_CASE("batch_layout counts the scored positions, image slots and keyless rows of a batch") {
+  const auto config = tiny_config(false);
+  for (bool left_padding : {false, true}) {
+    INFO("left padding " << left_padding);
+    auto b = make_batch(config);
+    if (left_padding) {
+      b.attention_mask[0].narrow(0, 0, 2).fill_(0);
+      b.labels.masked_fill_(b.attention_mask == 0, -100);
+    }
+    const auto layout = model::batch_layout(b.input_ids, b.attention_mask, b.labels, config.image_token_index);
+    std::vector<int64_t> scored, per_row(2, 0);
+    int64_t slots = 0;
+    auto labels = b.labels.accessor<int64_t, 2>();
+    auto ids = b.input_ids.accessor<int64_t, 2>();
+    for (int64_t row = 0; row < 2; ++row)
+      for (int64_t t = 0; t < 14; ++t) {
+        slots += ids[row][t] == config.image_token_index;
+        if (t + 1 < 14 && labels[row][t + 1] != -100) scored.push_back(row * 14 + t), ++per_row[row];
+      }
+    REQUIRE(layout.scored.numel() == static_cast<int64_t>(scored.size()));
+    CHECK(std::vector<int64_t>(layout.scored.data_ptr<int64_t>(), layout.scored.data_ptr<int64_t>() + scored.size()) ==
+          scored);
+    CHECK(layout.scored_per_row == per_row);
+    CHECK(per_row[0] == 6);  // answers at 8..13, predicted from positions 7..12
+    CHECK(per_row[1] == 3);  // row 1: answers at 8..10 (11..13 padded)
+    CHECK(layout.image_rows.numel() == slots);
+    CHECK(torch::equal(layout.image_rows, b.input_ids.eq(config.image_token_index).reshape({-1}).nonzero().squeeze(1)));
+    CHECK(slots == 2 * config.image_seq_length());
+    CHECK(layout.every_query_sees_a_key == !left_padding);
+  }
+}
+
+TEST_CASE("the loss with the host's layout is bitwise the loss that counts the layout itself") {
+  const auto config = tiny_config(false);
+  for (bool left_padding : {false, true}) {
+    INFO("left padding " << left_padding);
+    auto m = random_model(config);
+    auto b = make_batch(config);
+    if (left_padding) {
+      b.attention_mask[0].narrow(0, 0, 2).fill_(0);
+      b.labels.masked_fill_(b.attention_mask == 0, -100);
+    }
+    auto [counted, counted_grads] = loss_and_grads(m, b, true);
+    for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
+    auto layout = model::batch_layout(b.input_ids, b.attention_mask, b.labels, config.image_token_index);
+    auto loss = model::scored_causal_lm_loss(m, b.input_ids, b.attention_mask, b.pixel_values, b.labels, layout);
+    loss.backward();
+    CHECK(torch::equal(loss.detach(), counted));
+    auto params = m->parameters();
+    for (size_t i = 0; i < params.size(); ++i)
+      if (counted_grads[i].defined()) CHECK(torch::equal(params[i].grad(), counted_grads[i]));
+    // The layout is what the model uses: image rows one short are refused by their count.
+    layout.image_rows = layout.image_rows.narrow(0, 1, layout.image_rows.numel() - 1);
+    CHECK_THROWS_WITH(
+        model::scored_causal_lm_loss(m, b.input_ids, b.attention_mask, b.pixel_values, b.labels, layout),
+        Catch::Contains(std::to_string(2 * config.image_seq_length() - 1) + " tokens with id"));
+  }
+}

@@ -231,6 +231,12 @@ def test_nonfinite_loss_stops_or_skips(world, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("update skipped") == 6 and "6 skipped so far" in proc.stdout
     assert torch.equal(trained[name].isnan(), weights[name].isnan())  # nothing was updated
+    # HF's logging_nan_inf_filter: a NaN step adds the line's mean so far, here 0 (no finite loss before it),
+    # so the log lines say 0.0 and not nan.
+    checkpoints = sorted((world["root"] / "nan_skip").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+    logged = [h["loss"] for h in history if "loss" in h]
+    assert logged and all(loss == 0.0 for loss in logged), logged
     print(f"NaN projector weight: stop -> {stop.stderr.strip()}; skip -> 6 of 6 steps skipped")
 
 
