@@ -39,6 +39,7 @@ const io::Schema<DataConfig>& data_schema() {
         .add(io::choice("image_aspect_ratio", &C::image_aspect_ratio, {"pad", "square"}))
         .add(io::integer("per_device_train_batch_size", &C::per_device_train_batch_size, 1, 65536))
         .add(io::integer("dataloader_num_workers", &C::dataloader_num_workers, 0, 256))
+        .add(io::boolean("dataloader_pin_memory", &C::dataloader_pin_memory))
         .add(io::boolean("dataloader_drop_last", &C::dataloader_drop_last))
         .add(io::boolean("group_by_modality_length", &C::group_by_modality_length))
         .add(io::integer("seed", &C::seed, 0, (int64_t{1} << 53)))

@@ -19,6 +19,8 @@ struct DataConfig {
   std::string image_aspect_ratio = "square";  // `image_aspect_ratio`: pad | square
   int64_t per_device_train_batch_size = 1;
   int dataloader_num_workers = 0;
+  // HF's dataloader_pin_memory: batches built in page-locked memory, when training on a CUDA device.
+  bool dataloader_pin_memory = true;
   bool dataloader_drop_last = false;
   bool group_by_modality_length = false;
   uint64_t seed = 42;

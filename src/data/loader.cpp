@@ -34,8 +34,8 @@ Batch collate(const std::vector<Example>& examples, int64_t pad_id, std::vector<
 }
 
 DataLoader::DataLoader(const LlavaDataset& dataset, const DistributedSampler& sampler, SamplerState start,
-                       int num_workers, int prefetch_batches)
-    : dataset_(dataset), state_(start), prefetch_(std::max(prefetch_batches, 1)) {
+                       int num_workers, int prefetch_batches, bool pin_memory)
+    : dataset_(dataset), state_(start), prefetch_(std::max(prefetch_batches, 1)), pin_memory_(pin_memory) {
   for (int64_t pos = start.position; pos < sampler.epoch_length(); pos += sampler.global_batch()) {
     steps_.push_back(sampler.rank_batch(start.epoch, pos));
     positions_.push_back(std::min(pos + sampler.global_batch(), sampler.epoch_length()));
@@ -68,6 +68,9 @@ Batch DataLoader::build(size_t step) const {
   }
   const auto& img = dataset_.settings().image;
   Batch batch = collate(examples, dataset_.tokenizer().pad_id(), {3, img.crop_height, img.crop_width});
+  if (pin_memory_)
+    for (auto* t : {&batch.input_ids, &batch.labels, &batch.attention_mask, &batch.pixel_values, &batch.has_image})
+      *t = t->pin_memory();
   batch.indices = std::move(kept);
   batch.skipped = skipped_info.skipped;
   batch.mismatched = std::move(skipped_info.mismatched);

@@ -36,8 +36,10 @@ Batch collate(const std::vector<Example>& examples, int64_t pad_id, std::vector<
 class DataLoader {
  public:
   // Iterates the rest of `start.epoch` from `start.position`. num_workers 0: batches built on next().
+  // pin_memory: each batch's tensors are copied into page-locked memory by the worker that built it (torch
+  // DataLoader's pin_memory), so a CUDA copy from them never waits; only in a libtorch with CUDA.
   DataLoader(const LlavaDataset& dataset, const DistributedSampler& sampler, SamplerState start,
-             int num_workers, int prefetch_batches = 4);
+             int num_workers, int prefetch_batches = 4, bool pin_memory = false);
   ~DataLoader();
   DataLoader(const DataLoader&) = delete;
   DataLoader& operator=(const DataLoader&) = delete;
@@ -58,6 +60,7 @@ class DataLoader {
   std::vector<std::vector<int64_t>> steps_;  // this rank's indices per remaining global step
   std::vector<int64_t> positions_;           // global position after each step
   int prefetch_;
+  bool pin_memory_;
   int64_t skipped_ = 0;
   size_t consumed_ = 0;
   bool finished_ = false;

@@ -141,10 +141,10 @@ const io::Schema<C>& train_schema() {
         .add(device_key())
         .add(io::boolean("use_cpu", &C::use_cpu))
         .add(optional_key<bool>("async_save", &C::async_save, [](const YAML::Node& n) { return io::read_bool(n); }))
+        .add(optional_key<bool>("tf32", &C::tf32, [](const YAML::Node& n) { return io::read_bool(n); }))
         // Accepted for HF/LLaVA compatibility, no effect here (README.md: "Accepted and ignored keys").
         .add(io::ignored<C>("lazy_preprocess"))             // records are always read lazily
         .add(io::ignored<C>("is_multimodal"))               // the model's config.json says it
-        .add(io::ignored<C>("tf32"))                        // a CUDA matmul setting
         .add(io::ignored<C>("report_to"))                   // no wandb/tensorboard; see --metrics-out
         .add(io::ignored<C>("run_name"))
         .add(io::ignored<C>("per_device_eval_batch_size"));  // there is no evaluation loop

@@ -88,6 +88,9 @@ struct TrainConfig {
   // Checkpoints written by a background thread once staged in host memory (default: on for CUDA, off
   // for CPU); unset = that default.
   std::optional<bool> async_save;
+  // HF's tf32: TF32 for CUDA's fp32 matmuls and cuDNN (torch.backends.cuda.matmul.allow_tf32 and
+  // torch.backends.cudnn.allow_tf32) when set; unset = torch's defaults. Nothing on the CPU.
+  std::optional<bool> tf32;
 
   std::string source;  // the config file (errors name it)
   // Keys given that are accepted for HF/LLaVA compatibility and do nothing here (the trainer logs them).

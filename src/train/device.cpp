@@ -49,14 +49,24 @@ torch::Device training_device(const TrainConfig& c, int local_rank) {
   return resolve_device(c.device, local_rank, c.source + ": key 'device'", "device: ");
 }
 
+void apply_tf32(const TrainConfig& c, const torch::Device& device) {
+  if (!c.tf32 || !device.is_cuda()) return;
+  at::globalContext().setAllowTF32CuBLAS(*c.tf32);
+  at::globalContext().setAllowTF32CuDNN(*c.tf32);
+}
+
+bool pin_batches(const TrainConfig& c, const torch::Device& device) {
+  return device.is_cuda() && c.data.dataloader_pin_memory;
+}
+
 bool async_save_enabled(const TrainConfig& c, const torch::Device& device) {
   return c.async_save.value_or(device.is_cuda());
 }
 
 data::Batch batch_on_device(data::Batch batch, const torch::Device& device) {
   if (device.is_cpu()) return batch;
-  auto move = [&](torch::Tensor& t) {
-    if (t.defined()) t = t.pin_memory().to(device, /*non_blocking=*/true);
+  auto move = [&](torch::Tensor& t) {  // the loader pinned them already (dataloader_pin_memory), or here
+    if (t.defined()) t = (t.is_pinned() ? t : t.pin_memory()).to(device, /*non_blocking=*/true);
   };
   for (auto* t : {&batch.input_ids, &batch.labels, &batch.attention_mask, &batch.pixel_values, &batch.has_image}) move(*t);
   return batch;

@@ -22,6 +22,15 @@ torch::Device training_device(const TrainConfig& c, int local_rank);
 torch::Device resolve_device(const std::string& text, int local_rank, const std::string& where,
                              const std::string& setting);
 
+// HF's tf32 on a CUDA device: allow (or forbid) TF32 in cuBLAS fp32 matmuls and in cuDNN, as
+// TrainingArguments(tf32=...) sets torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32.
+// Unset, or on the CPU: nothing changes.
+void apply_tf32(const TrainConfig& c, const torch::Device& device);
+
+// Whether the loader puts batches in page-locked memory (HF's dataloader_pin_memory, default true): only for
+// a CUDA device, which is the only one that copies from it without waiting.
+bool pin_batches(const TrainConfig& c, const torch::Device& device);
+
 // async_save as set, else on for CUDA and off for the CPU.
 bool async_save_enabled(const TrainConfig& c, const torch::Device& device);
 

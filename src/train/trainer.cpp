@@ -329,6 +329,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   // One process, or one rank of a torchrun / llava-run launch: the same recipe, data cut by rank.
   // The device first: a CUDA device this machine lacks is a config error before anything else happens.
   const torch::Device device = training_device(cfg, dist::read_dist_env().local_rank);
+  apply_tf32(cfg, device);
   dist::CommOptions comm_options;
   comm_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.ddp_timeout * 1000));
   comm_options.device = device;  // NCCL for CUDA tensors when built with it, else Gloo
@@ -503,7 +504,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     for (int64_t epoch = first_epoch; epoch < epochs && step < max_steps && !stopped; ++epoch) {
       // A resumed run starts at the next window of its epoch: no batch is replayed.
       const int64_t skip_windows = epoch == first_epoch ? first_window : 0;
-      data::DataLoader loader(dataset, sampler, {epoch, skip_windows * samples_per_step}, cfg.data.dataloader_num_workers);
+      data::DataLoader loader(dataset, sampler, {epoch, skip_windows * samples_per_step}, cfg.data.dataloader_num_workers,
+                              /*prefetch_batches=*/4, pin_batches(cfg, device));
       int64_t batches_seen = skip_windows * accum;
       for (int64_t window = skip_windows; window < steps_per_epoch && step < max_steps && !stopped; ++window) {
         // One optimizer step: a window of micro-batches on every rank, their gradients summed.

@@ -151,6 +151,8 @@ CASES = [
     ("device_cuda_missing", train_set(device="cuda:1023"), ["train.yaml", "key 'device'", "cuda:1023", "device: cpu"]),
     ("use_cpu_and_cuda", train_set(use_cpu=True, device="cuda"), ["key 'use_cpu'", "device: cuda"]),
     ("async_save_not_bool", train_raw("async_save: sometimes\n"), ["key 'async_save'", "expected true or false"]),
+    ("tf32_not_bool", train_raw("tf32: fast\n"), ["key 'tf32'", "expected true or false"]),
+    ("pin_memory_not_bool", train_raw("dataloader_pin_memory: 2\n"), ["key 'dataloader_pin_memory'", "expected true or false"]),
     # --- --set forms
     ("set_no_equals", lambda w, d: ["train", config(w, d), "--set", "lora_r"], ["--set lora_r", "expected key=value"]),
     ("set_no_key", lambda w, d: ["train", config(w, d), "--set", "=3"], ["--set =3", "expected key=value"]),
@@ -210,5 +212,5 @@ def test_the_good_config_still_trains_under_the_limits(world, tmp_path):
                  mm_projector_type="mlp2x_gelu", fp16=False)
     proc = run([binary(), "train", cfg], timeout=120, preexec_fn=limit_memory)
     notes = [l for l in proc.stdout.splitlines() if "ignored" in l]
-    assert notes == ["config: accepted for HF/LLaVA compatibility and ignored: report_to, tf32"], proc.stdout
+    assert notes == ["config: accepted for HF/LLaVA compatibility and ignored: report_to"], proc.stdout
     assert (tmp_path / "out" / "checkpoint-1" / "mm_projector.bin").exists()
