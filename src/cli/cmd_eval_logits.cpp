@@ -5,13 +5,14 @@
 #include <cxxopts.hpp>
 #include <iostream>
 
+#include "checkpoint/pretrained_parts.h"
 #include "cli/command.h"
 #include "io/command_line.h"
 #include "io/error.h"
+#include "io/file_util.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
 #include "train/device.h"
-#include "checkpoint/pretrained_parts.h"
 #include "train/lora.h"
 
 namespace {
@@ -40,6 +41,7 @@ int run_eval_logits(int argc, char** argv) {
   }
   for (const char* required : {"model", "batch", "out"})
     if (!args.count(required)) llava::fail("eval-logits", std::string("--") + required + " is required");
+  llava::io::check_output_file(args["out"].as<std::string>(), "eval-logits --out");
 
   auto dtype = llava::model::parse_dtype(args["dtype"].as<std::string>());
   const auto device = llava::train::resolve_device(args["device"].as<std::string>(), 0, "eval-logits --device", "--device ");

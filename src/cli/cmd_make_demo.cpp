@@ -208,6 +208,7 @@ int run_make_demo(int argc, char** argv) {
   }
   if (!args.count("out")) llava::fail("make-demo", "--out is required");
   const fs::path out = args["out"].as<std::string>();
+  llava::io::check_output_dir(out.string(), "make-demo --out");
   const int train_images = llava::io::option_in_range(args, "train-images", 1, 100000, argv[0]);
   const int test_images = llava::io::option_in_range(args, "test-images", 0, 100000, argv[0]);
   const DemoSizes sizes;

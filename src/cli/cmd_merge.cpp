@@ -5,12 +5,13 @@
 #include <filesystem>
 #include <iostream>
 
+#include "checkpoint/pretrained_parts.h"
 #include "cli/command.h"
 #include "io/command_line.h"
 #include "io/error.h"
+#include "io/file_util.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
-#include "checkpoint/pretrained_parts.h"
 #include "train/lora.h"
 
 namespace fs = std::filesystem;
@@ -42,6 +43,7 @@ int run_merge(int argc, char** argv) {
   for (const char* required : {"model", "adapter", "out"})
     if (!args.count(required)) llava::fail("merge", std::string("--") + required + " is required");
   const std::string base = args["model"].as<std::string>(), out = args["out"].as<std::string>();
+  llava::io::check_output_dir(out, "merge --out");
   if (fs::exists(out) && !fs::is_empty(out)) llava::fail(out, "output dir exists and is not empty; nothing was written");
 
   auto loaded = llava::model::load_model(base, llava::model::parse_dtype(args["dtype"].as<std::string>()),

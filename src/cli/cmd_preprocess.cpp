@@ -10,10 +10,11 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/command.h"
-#include "io/command_line.h"
 #include "data/config.h"
 #include "data/masked_samples.h"
+#include "io/command_line.h"
 #include "io/error.h"
+#include "io/file_util.h"
 #include "io/json_input.h"
 #include "io/safetensors.h"
 
@@ -63,6 +64,7 @@ int run_preprocess(int argc, char** argv) {
     std::cout << options.help();
     return args.count("help") ? 0 : 2;
   }
+  llava::io::check_output_file(args["out"].as<std::string>(), "preprocess --out");
   using llava::io::option_in_range;
   const int world = option_in_range(args, "world", 1, 4096, argv[0]);
   const int rank = option_in_range(args, "rank", 0, world - 1, argv[0]);

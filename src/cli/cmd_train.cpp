@@ -11,6 +11,7 @@
 
 #include "cli/command.h"
 #include "io/command_line.h"
+#include "io/file_util.h"
 #include "train/config.h"
 #include "train/trainer.h"
 
@@ -58,6 +59,11 @@ int run_train(int argc, char** argv) {
     return args.count("help") ? 0 : 2;
   }
   const auto cfg = llava::train::load_train_config(args["config"].as<std::string>(), overrides);
+  // Where the run writes, checked before it trains: a mistaken path fails now, not at the first save.
+  llava::io::check_output_dir(cfg.output_dir, cfg.source + ": key 'output_dir'");
+  for (const char* option : {"metrics-out", "save-trainables"})
+    if (const auto path = args[option].as<std::string>(); !path.empty())
+      llava::io::check_output_file(path, std::string("--") + option);
   llava::train::TrainDebugOptions debug{args["init-lora-from"].as<std::string>(), args["metrics-out"].as<std::string>(),
                                         args["save-trainables"].as<std::string>(),
                                         args["stop-after-steps"].as<int64_t>(),

@@ -218,7 +218,17 @@ TokenizedSample tokenize_conversation(Template t, const std::vector<Turn>& raw_t
   if (has_image && images == 0) throw Error("the record has an image but no <image> in its conversation");
   if (images > (has_image ? 1 : 0))
     throw Error(std::to_string(images) + " <image> tokens in the conversation but " + (has_image ? "one image" : "no image"));
-  if (has_image) expand_images(s, found_id, image);
+  if (has_image) {
+    expand_images(s, found_id, image);
+    // Truncation must not cut the image: its tokens would no longer match its features (HF's model refuses
+    // that batch; LLaVA would silently drop the image). Said here, naming the record, not mid-run in the model.
+    const auto last = std::find(s.input_ids.rbegin(), s.input_ids.rend(), image.id);
+    const int64_t end = static_cast<int64_t>(s.input_ids.rend() - last);  // one past the last image token
+    if (end > max_len)
+      throw Error("its image tokens end at position " + std::to_string(end) + ", past model_max_length " +
+                  std::to_string(max_len) + ": truncation would cut the image off (raise model_max_length, or put "
+                  "<image> in an earlier turn)");
+  }
   if (static_cast<int64_t>(s.input_ids.size()) > max_len) {
     s.input_ids.resize(max_len);
     s.labels.resize(max_len);

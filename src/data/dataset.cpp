@@ -1,5 +1,6 @@
 #include "data/dataset.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -81,8 +82,26 @@ std::vector<Record> load_records(const std::vector<std::string>& paths) {
   return records;
 }
 
+uint64_t max_record_text_bytes(int64_t model_max_length) {
+  return std::max<uint64_t>(uint64_t{1} << 20, 64 * static_cast<uint64_t>(std::max<int64_t>(model_max_length, 0)));
+}
+
 LlavaDataset::LlavaDataset(std::vector<Record> records, Tokenizer tokenizer, DatasetSettings settings)
-    : records_(std::move(records)), tokenizer_(std::move(tokenizer)), settings_(std::move(settings)) {}
+    : records_(std::move(records)), tokenizer_(std::move(tokenizer)), settings_(std::move(settings)) {
+  const uint64_t limit = max_record_text_bytes(settings_.model_max_length);
+  for (const auto& r : records_) {
+    if (!r.image.empty() && settings_.model_max_length <= settings_.image_tokens.count)
+      fail(r.where, "has an image, but model_max_length " + std::to_string(settings_.model_max_length) +
+                        " leaves no room for it: the model's image takes " + std::to_string(settings_.image_tokens.count) +
+                        " tokens; raise model_max_length");
+    uint64_t bytes = 0;
+    for (const auto& turn : r.turns) bytes += turn.value.size();
+    if (bytes > limit)
+      fail(r.where, "its conversation holds " + std::to_string(bytes) + " bytes of text, more than the " +
+                        std::to_string(limit) + " a record may hold (64 bytes per token of model_max_length " +
+                        std::to_string(settings_.model_max_length) + ", at least 1 MiB): shorten or split it");
+  }
+}
 
 std::vector<int64_t> LlavaDataset::modality_lengths() const {
   std::vector<int64_t> lengths;

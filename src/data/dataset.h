@@ -41,8 +41,15 @@ struct DatasetSettings {
   bool skip_missing_images = false;
 };
 
+// The most text (bytes of every turn's value) one record may hold: 64 bytes for each token of
+// model_max_length, at least 1 MiB. A sentencepiece piece is at most 16 bytes, so past this nothing more of
+// the record could ever be trained on, while tokenizing it costs ~300 bytes of memory per byte of text.
+uint64_t max_record_text_bytes(int64_t model_max_length);
+
 class LlavaDataset {
  public:
+  // Refuses (Error naming the record) a record with more text than max_record_text_bytes(): checked for
+  // every record here, before any is tokenized.
   LlavaDataset(std::vector<Record> records, Tokenizer tokenizer, DatasetSettings settings);
 
   size_t size() const { return records_.size(); }

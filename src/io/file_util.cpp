@@ -238,7 +238,50 @@ int open_for_writing(const std::string& tmp, bool& direct) {
 
 }  // namespace
 
+namespace {
+
+// The nearest ancestor of `path` that exists ("." for a relative path with none): it must be a writable
+// directory for anything to be created below it.
+void check_creatable_below(const std::filesystem::path& path, const std::string& what) {
+  std::filesystem::path ancestor = path.parent_path();
+  std::error_code ec;
+  while (!ancestor.empty() && !std::filesystem::exists(ancestor, ec)) ancestor = ancestor.parent_path();
+  if (ancestor.empty()) ancestor = ".";
+  if (!std::filesystem::is_directory(ancestor, ec))
+    fail(what, "'" + path.string() + "': cannot be created, '" + ancestor.string() + "' is not a directory");
+  if (::access(ancestor.c_str(), W_OK | X_OK) != 0)
+    fail(what, "'" + path.string() + "': cannot be created, directory '" + ancestor.string() + "' is not writable");
+}
+
+}  // namespace
+
+void check_output_file(const std::string& path, const std::string& what) {
+  if (path.empty()) fail(what, "expected a file name, got ''");
+  const std::string subject = what == path ? "" : "'" + path + "' ";  // the error line names the path once
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return check_creatable_below(std::filesystem::path(path), what);
+  if (!S_ISREG(st.st_mode))
+    fail(what, subject + "exists and is not a regular file (" +
+                   (S_ISDIR(st.st_mode) ? "a directory" : "a device, FIFO or socket") + "): refusing to replace it");
+  // Replaced by a rename: its directory must be writable, not the file.
+  const auto dir = std::filesystem::path(path).parent_path();
+  const std::string dir_name = dir.empty() ? "." : dir.string();
+  if (::access(dir_name.c_str(), W_OK | X_OK) != 0) fail(what, subject + "cannot be replaced: directory '" + dir_name + "' is not writable");
+}
+
+void check_output_dir(const std::string& path, const std::string& what) {
+  if (path.empty()) fail(what, "expected a directory name, got ''");
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec)) {
+    if (!std::filesystem::is_directory(path, ec)) fail(what, "'" + path + "' exists and is not a directory");
+    if (::access(path.c_str(), W_OK | X_OK) != 0) fail(what, "'" + path + "' is not writable");
+    return;
+  }
+  check_creatable_below(std::filesystem::path(path), what);
+}
+
 void write_file_atomic(const std::string& path, const std::function<void(std::FILE*)>& fill) {
+  check_output_file(path, path);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   FileSink sink;
   sink.fd = open_for_writing(tmp, sink.direct);

@@ -41,6 +41,14 @@ std::string read_file(const std::string& path);
 void write_file_atomic(const std::string& path, const std::function<void(std::FILE*)>& fill);
 void write_file_atomic(const std::string& path, const std::string& bytes);
 
+// Whether `path` can become a file we write (checked before any work, so a mistaken path fails at once, not
+// after hours of training): it must not exist as anything but a regular file (never replace a device, a FIFO
+// or a directory: the atomic rename would), and its nearest existing ancestor must be a writable directory.
+// Error names `what` (the option or key, e.g. "--metrics-out") and the path.
+void check_output_file(const std::string& path, const std::string& what);
+// The same for a directory we create and fill (output_dir): absent, or a writable directory.
+void check_output_dir(const std::string& path, const std::string& what);
+
 // fsync a directory (after renames inside it).
 void fsync_dir(const std::string& dir);
 

@@ -21,13 +21,14 @@ constexpr int kMaxJsonDepth = 64;
 struct JsonParseOptions {
   // When set and the top level is an array, errors name the element: "<where>: <item_name> <i>: ...".
   std::string item_name;
-  // Sees every parse event after the depth check (nlohmann's parser_callback_t without the keep/discard
-  // result): e.g. to refuse duplicate keys. May throw Error.
+  // Sees every parse event after the depth check, with nlohmann's parser_callback_t depths: `parsed` is the
+  // key (key events) or the value (value events), null for a container's start and end. May throw Error.
   std::function<void(int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed)> on_event;
 };
 
-// Parses `text`. Error "<where>: not valid JSON: <what the parser says>" or "<where>: JSON nested deeper
-// than 64 levels".
+// Parses `text`. Error "<where>: not valid JSON: <what the parser says>", "<where>: JSON nested deeper
+// than 64 levels", or "<where>: key 'k' appears twice in one object" (nlohmann would keep the last silently,
+// Python's json too: never what a hand-edited file meant).
 nlohmann::json parse_json(std::string_view text, const std::string& where, const JsonParseOptions& options = {});
 
 // read_input_file(path, kind) + parse_json(text, path, options).

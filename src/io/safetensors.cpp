@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -324,8 +325,12 @@ uint64_t parse_size(const std::string& text) {
       {"", 1},      {"B", 1},        {"KB", 1e3},     {"MB", 1e6},        {"GB", 1e9},
       {"TB", 1e12}, {"KIB", 1024.0}, {"MIB", 1048576.0}, {"GIB", 1073741824.0}, {"TIB", 1099511627776.0}};
   auto it = units.find(unit);
-  if (it == units.end() || value < 0) throw Error("size '" + text + "': unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB)");
-  return static_cast<uint64_t>(value * it->second);
+  if (it == units.end()) throw Error("size '" + text + "': unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB)");
+  // A double beyond 2^63 (or NaN/inf, or negative) has no uint64 value: the cast would be undefined.
+  const double bytes = value * it->second;
+  if (!std::isfinite(bytes) || bytes < 0 || bytes > 9.2e18)
+    throw Error("size '" + text + "': expected a size from 0 to 9.2e18 bytes (e.g. 5GB, 200MB)");
+  return static_cast<uint64_t>(bytes);
 }
 
 // ------------------------------------------------------------------------------------------- sharding

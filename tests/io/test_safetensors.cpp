@@ -96,6 +96,16 @@ TEST_CASE("parse_size uses decimal units like huggingface_hub") {
   CHECK_THROWS_AS(io::parse_size("5 parsecs"), Error);
 }
 
+TEST_CASE("parse_size refuses sizes with no uint64 value instead of wrapping them") {
+  for (const char* text : {"1e30GB", "99999999999999999999", "10000000000000000000GB", "nanGB", "infGB", "-1", "-0.5KB"}) {
+    INFO(text);
+    CHECK_THROWS_WITH(io::parse_size(text), Catch::Contains(std::string("size '") + text + "'"));
+  }
+  CHECK(io::parse_size("0") == 0);
+  CHECK(io::parse_size("1e-300GB") == 0);  // rounds down to nothing: a valid (empty) size
+  CHECK(io::parse_size("9e18") == 9'000'000'000'000'000'000ULL);
+}
+
 // A file = 8-byte little-endian header length + header + data.
 static std::string st_bytes(const std::string& header, const std::string& data, int64_t claimed_len = -1) {
   uint64_t n = claimed_len < 0 ? header.size() : static_cast<uint64_t>(claimed_len);

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import resource
+import stat
 import struct
 import subprocess
 import time
@@ -127,6 +128,11 @@ def deep_adapter(d):
     return a
 
 
+def fifo(path):
+    os.mkfifo(path)
+    return path
+
+
 def infer(w, *extra, model=None):
     return ["infer", "--model", model or w["model"], *extra]
 
@@ -203,6 +209,45 @@ CASES = [
     ("checkpoint_folder_above_2_53", lambda w, d, f: resume_auto(
         w, d, step_dir="checkpoint-9007199254740993", **{"trainer_state.json": json.dumps({"global_step": 1})}),
      ["checkpoint-9007199254740993", "out of range"]),
+    # --- records with more text than model_max_length could ever use: refused before tokenizing
+    ("data_record_text_2mb", lambda w, d, f: bad.train_with_data(w, d, records=[
+        good_record(), good_record(id="long", conversations=[{"from": "human", "value": "what color " * 200_000},
+                                                             {"from": "gpt", "value": "a"}])]),
+     ["data.json", "record 1", "2200001 bytes of text", "model_max_length"]),
+    ("data_record_many_turns_jsonl", lambda w, d, f: bad.train_with_data(w, d, raw=json.dumps(good_record()) + "\n" + json.dumps(
+        good_record(conversations=[{"from": "human" if i % 2 == 0 else "gpt", "value": "x" * 5000} for i in range(400)])) + "\n",
+        name="data.jsonl"), ["data.jsonl", "line 2", "2000000 bytes of text"]),
+    # --- truncation at model_max_length (96) would cut a record's image tokens off: refused before training
+    ("data_record_image_after_long_turn", lambda w, d, f: bad.train_with_data(w, d, records=[
+        w["good"][0], {"id": "late", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "what color is it " * 40}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "a circle"}]}]),
+     ["data.json", "record 1", "image tokens end at position", "past model_max_length 96"]),
+    ("model_max_length_below_the_image", lambda w, d, f: ["train", bad.config(w, d, model_max_length=3)],
+     ["record 0", "model_max_length 3", "leaves no room"]),
+    # --- a key given twice in a JSON object: refused (Python's json and nlohmann keep the last silently)
+    ("data_record_duplicate_key", lambda w, d, f: bad.train_with_data(
+        w, d, raw='[' + json.dumps(w["good"][0]) + ', {"id": "dup", "image": "ok.png", "image": "missing.png", '
+                  '"conversations": ' + json.dumps(w["good"][0]["conversations"]) + '}]'),
+     ["data.json", "record 1", "key 'image' appears twice"]),
+    ("config_json_duplicate_key", lambda w, d, f: bad.infer_with_model(w, d, lambda m: (m / "config.json").write_text(
+        (m / "config.json").read_text().replace("{", '{"model_type": "llava", ', 1))),
+     ["config.json", "key 'model_type' appears twice"]),
+    # --- output paths: never a device, FIFO or directory replaced; a bad output_dir found before training
+    ("metrics_out_fifo", lambda w, d, f: ["train", bad.config(w, d), "--metrics-out", fifo(d / "metrics.fifo")],
+     ["--metrics-out", "metrics.fifo", "not a regular file"]),
+    ("save_trainables_directory", lambda w, d, f: ["train", bad.config(w, d), "--save-trainables", d],
+     ["--save-trainables", "not a regular file", "a directory"]),
+    ("output_dir_is_a_file", lambda w, d, f: ["train", bad.config(w, d, output_dir=str(bad.write(d / "afile", b"x")))],
+     ["output_dir", "afile", "not a directory"]),
+    ("output_dir_below_a_file", lambda w, d, f: ["train", bad.config(w, d, output_dir=str(bad.write(d / "afile", b"x") / "sub"))],
+     ["output_dir", "afile", "is not a directory"]),
+    ("preprocess_out_fifo", lambda w, d, f: ["preprocess", bad.config(w, d), "--out", fifo(d / "batches.fifo")],
+     ["preprocess --out", "batches.fifo", "not a regular file"]),
+    # --- sizes with no 64-bit value
+    ("byte_size_1e30GB", lambda w, d, f: ["train", bad.config(w, d, consolidate_optimizer_max_size="1e30GB")],
+     ["consolidate_optimizer_max_size", "1e30GB"]),
+    ("byte_size_nan", lambda w, d, f: ["train", bad.config(w, d, max_shard_size="nanGB")], ["max_shard_size", "nanGB"]),
     # --- prompts longer than the model's context (max_position_embeddings 256 in the tiny model)
     ("infer_prompt_120k_tokens", lambda w, d, f: infer(w, "--prompt", "\u20ac" * 40_000, "--max-new-tokens", 1),
      ["--prompt", "max_position_embeddings", "256"]),
@@ -254,6 +299,8 @@ def test_bounded_input_gives_one_clear_error(world, big_png, case_id, build, nee
     assert 1 <= proc.returncode <= 127, f"exit {proc.returncode}, stderr: {proc.stderr[-2000:]!r}"
     line = bad.check_one_clear_error(proc, needles)
     assert tree_digest(d / "out") == before, "output_dir changed"
+    for p in d.glob("*.fifo"):  # an output path that was a FIFO still is one
+        assert stat.S_ISFIFO(os.lstat(p).st_mode), p
     print(f"\n{case_id} ({seconds:.1f} s): {line[:300]}")
 
 
