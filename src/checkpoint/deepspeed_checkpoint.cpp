@@ -137,6 +137,12 @@ RankState read_rank(const std::string& file, const std::vector<std::vector<Slot>
   if (osd.contains("param_alignment_paddings") && any_nonzero_int(osd.at("param_alignment_paddings")))
     r.bad("param_alignment_paddings: checkpoints saved with zero_optimization.parameter_alignment are not supported");
   if (osd.contains("param_slice_mappings")) s.slice_mappings = osd.at("param_slice_mappings");
+  // ZeRO-3 partitions every parameter itself (zero_pp_rank_R_mp_rank_00_optim_states.pt holds other keys):
+  // only the flat per-group partitions of stages 1 and 2 are read here.
+  if (osd.contains("zero_stage")) {
+    const int64_t stage = r.integer(osd.at("zero_stage"), "zero_stage");
+    if (stage != 1 && stage != 2) r.bad("zero_stage: expected 1 or 2 (ZeRO-3 checkpoints are not supported), got " + std::to_string(stage));
+  }
   auto counts = count_of("partition_count");
   auto paddings = count_of("group_paddings");
   auto partitions = count_of("single_partition_of_fp32_groups");

@@ -1,9 +1,14 @@
 #include "checkpoint/peft_adapter.h"
 
-#include <filesystem>
-#include <optional>
 #include <cmath>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <vector>
+
 #include <nlohmann/json.hpp>
+#include <re2/re2.h>
 
 #include "io/error.h"
 #include "io/json_input.h"
@@ -69,6 +74,47 @@ bool is_set(const nlohmann::json& config, const char* key) {
   return !(v.is_null() || v == false || (v.is_object() && v.empty()) || (v.is_array() && v.empty()));
 }
 
+// PEFT's check_target_module_exists: a list names modules by their last components (the module's name is one
+// of them, or ends with "." + one); a string is a regular expression the whole module name must match.
+class TargetModules {
+ public:
+  TargetModules(const nlohmann::json& config, const std::string& config_path) : config_path_(config_path) {
+    if (!config.contains("target_modules") || config["target_modules"].is_null()) return;  // nothing to check
+    const auto& t = config["target_modules"];
+    if (t.is_string()) {
+      RE2::Options options;
+      options.set_log_errors(false);
+      regex_ = std::make_shared<RE2>(t.get<std::string>(), options);
+      if (!regex_->ok()) fail(config_path, "'target_modules': not a regular expression: " + regex_->error());
+    } else if (t.is_array()) {
+      for (const auto& name : t) {
+        if (!name.is_string()) fail(config_path, "'target_modules': expected a string or a list of strings");
+        names_.push_back(name.get<std::string>());
+      }
+    } else {
+      fail(config_path, "'target_modules': expected a string or a list of strings");
+    }
+    given_ = true;
+  }
+
+  // Whether PEFT would have put LoRA on the module named `path` (in any of the namings it goes by).
+  bool names(const std::vector<std::string>& paths) const {
+    if (!given_) return true;
+    for (const auto& path : paths) {
+      if (regex_ && RE2::FullMatch(path, *regex_)) return true;
+      for (const auto& n : names_)
+        if (path == n || (path.size() > n.size() && ends_with(path, "." + n))) return true;
+    }
+    return false;
+  }
+
+ private:
+  std::string config_path_;
+  bool given_ = false;
+  std::shared_ptr<RE2> regex_;
+  std::vector<std::string> names_;
+};
+
 }  // namespace
 
 PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name, const AdapterModuleNames& module_names) {
@@ -78,7 +124,9 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name, const Adapte
   const nlohmann::json config = io::read_json_file(config_path);
   if (!config.is_object()) fail(config_path, "expected a JSON object (a PEFT adapter config)");
   if (!config.contains("peft_type") || config["peft_type"] != "LORA") fail(config_path, "peft_type must be \"LORA\"");
-  for (const char* unsupported : {"use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication"})
+  for (const char* unsupported : {"use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication",
+                                  "layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters",
+                                  "trainable_token_indices"})
     if (is_set(config, unsupported)) fail(config_path, std::string("'") + unsupported + "' is not supported");
   PeftLoraAdapter adapter;
   if (!config.contains("r") || !config.contains("lora_alpha") || !config["lora_alpha"].is_number() ||
@@ -86,7 +134,12 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name, const Adapte
     fail(config_path, "needs an integer 'r', a number 'lora_alpha' and (optionally) true/false 'use_rslora'");
   adapter.r = io::json_integer(config["r"], config_path + ": 'r'", 1, int64_t{1} << 20);
   adapter.lora_alpha = config["lora_alpha"].get<double>();
-  if (!std::isfinite(adapter.lora_alpha)) fail(config_path, "'lora_alpha' must be a finite number");
+  // alpha / r scales every update: past 1e6 (LLaVA uses 256) the outputs overflow to inf.
+  if (!std::isfinite(adapter.lora_alpha) || std::abs(adapter.lora_alpha) > 1e6)
+    fail(config_path, "'lora_alpha' must be a finite number from -1e6 to 1e6, got " + config["lora_alpha"].dump());
+  const TargetModules targets(config, config_path);
+  std::map<std::string, std::vector<std::string>> namings;  // canonical module -> every name it goes by
+  for (const auto& [name, canonical] : module_names) namings[canonical].push_back(name);
   adapter.use_rslora = config.value("use_rslora", false);
 
   const auto tensors = read_adapter_tensors(dir);
@@ -102,6 +155,9 @@ PeftLoraAdapter read_peft_lora_adapter(const std::string& dir_name, const Adapte
       fail(tensors.file, "adapter tensor '" + key + "': '" + lora_key->path +
                              "' is no Linear of this model (looked it up as llava-hf classic, "
                              "transformers >= 4.52 and original-LLaVA names)");
+    if (!targets.names(namings[module->second]))
+      fail(config_path, "'target_modules' " + config["target_modules"].dump() + " does not name module '" +
+                            lora_key->path + "', whose LoRA weights " + tensors.file + " holds (PEFT would not load them)");
     auto& weights = adapter.modules[module->second];
     std::string& seen_key = lora_key->is_a ? weights.key : b_keys[module->second];
     if (!seen_key.empty())  // e.g. one file holding two namings of the same module

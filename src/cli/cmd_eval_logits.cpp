@@ -66,6 +66,17 @@ int run_eval_logits(int argc, char** argv) {
   auto attention_mask = optional_tensor(batch, "attention_mask");
   auto pixel_values = optional_tensor(batch, "pixel_values");
   auto labels = optional_tensor(batch, "labels");
+  // Labels are ids to score or -100 (ignored): anything else would reach the loss as an index.
+  if (labels.defined()) {
+    if (c10::isFloatingType(labels.scalar_type()) || labels.sizes() != input_ids.sizes())
+      llava::fail(batch_path, "labels must be an integer tensor shaped like input_ids " + c10::str(input_ids.sizes()) +
+                                  ", got " + std::string(c10::toString(labels.scalar_type())) + " " + c10::str(labels.sizes()));
+    labels = labels.to(torch::kInt64);
+    auto scored = labels.masked_select(labels != -100);
+    if (scored.numel() && (scored.min().item<int64_t>() < 0 || scored.max().item<int64_t>() >= config.text.vocab_size))
+      llava::fail(batch_path, "labels holds ids outside the vocabulary [0, " + std::to_string(config.text.vocab_size) +
+                                  ") other than -100 (ignored)");
+  }
 
   torch::NoGradGuard no_grad;
   auto on_device = [&](const torch::Tensor& t) { return t.defined() ? t.to(device) : t; };

@@ -139,6 +139,9 @@ int run_infer(int argc, char** argv) {
   llava::model::GenerationOptions gen;
   gen.max_new_tokens = llava::io::option_in_range<int64_t>(args, "max-new-tokens", 1, 1 << 20, argv[0]);
   gen.temperature = llava::io::option_in_range<double>(args, "temperature", 0, 100, argv[0]);
+  // Below 1e-4 the logits / temperature overflow to inf: sampling would see NaN probabilities. 0 is greedy.
+  if (gen.temperature > 0 && gen.temperature < 1e-4)
+    llava::fail("--temperature", "expected 0 (greedy) or from 1e-4 to 100, got " + c10::str(gen.temperature));
   gen.top_p = llava::io::option_in_range<double>(args, "top-p", 0, 1, argv[0]);
   gen.seed = args["seed"].as<uint64_t>();
   gen.eos_token_ids = loaded.config.text.eos_token_ids;

@@ -23,7 +23,8 @@ std::vector<std::string> take_overrides(int& argc, char** argv) {
   int kept = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--set" && i + 1 < argc) {
+    if (arg == "--set") {
+      if (i + 1 == argc) llava::fail("--set", "expected key=value after it, got nothing");
       overrides.push_back(argv[++i]);
     } else if (arg.rfind("--set=", 0) == 0) {
       overrides.push_back(arg.substr(6));
@@ -58,6 +59,8 @@ int run_train(int argc, char** argv) {
     std::cout << options.help();
     return args.count("help") ? 0 : 2;
   }
+  for (const char* option : {"stop-after-steps", "stop-after-micro-batches"})
+    llava::io::option_in_range<int64_t>(args, option, 0, int64_t{1} << 53, argv[0]);
   const auto cfg = llava::train::load_train_config(args["config"].as<std::string>(), overrides);
   // Where the run writes, checked before it trains: a mistaken path fails now, not at the first save.
   llava::io::check_output_dir(cfg.output_dir, cfg.source + ": key 'output_dir'");

@@ -7,6 +7,7 @@
 
 #include "cli/command.h"
 #include "io/error.h"
+#include "io/yaml_config.h"
 
 namespace llava::cli {
 std::vector<Command>& registry() {
@@ -33,6 +34,13 @@ static void keep_freed_memory_for_reuse() {
   mallopt(M_TRIM_THRESHOLD, kOneGiB);  // keep up to 1 GiB free at the heap's top
 }
 
+// An error as one line: trailing newlines dropped, inner ones and control bytes escaped (a path or a file's
+// content may hold them; a terminal escape sequence must not reach the terminal).
+static std::string one_line(std::string text) {
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r' || text.back() == ' ')) text.pop_back();
+  return llava::io::printable(text);
+}
+
 int main(int argc, char** argv) {
   keep_freed_memory_for_reuse();
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
@@ -46,12 +54,12 @@ int main(int argc, char** argv) {
     argv[1] = program.data();
     try {
       return command.run(argc - 1, argv + 1);
-    } catch (const llava::Error& e) {
-      std::cerr << "error: " << e.what() << "\n";
+    } catch (const llava::Error& e) {  // one line: a path or file content may hold newlines or escapes
+      std::cerr << "error: " << one_line(e.what()) << "\n";
     } catch (const c10::Error& e) {
-      std::cerr << "error: " << e.what_without_backtrace() << "\n";
+      std::cerr << "error: " << one_line(e.what_without_backtrace()) << "\n";
     } catch (const std::exception& e) {
-      std::cerr << "error: " << e.what() << "\n";
+      std::cerr << "error: " << one_line(e.what()) << "\n";
     }
     return 1;
   }

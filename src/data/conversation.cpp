@@ -238,7 +238,9 @@ TokenizedSample tokenize_conversation(Template t, const std::vector<Turn>& raw_t
 
 std::vector<int64_t> generation_prompt_ids(Template t, const std::string& user_text, bool has_image,
                                            const Tokenizer& tok, const ImageTokens& image) {
-  const std::string text = has_image ? kImageToken + "\n" + user_text : user_text;
+  // As LLaVA's run_llava: a prompt that says where the image goes keeps it there; otherwise it leads.
+  const bool placed = user_text.find(kImageToken) != std::string::npos;
+  const std::string text = has_image && !placed ? kImageToken + "\n" + user_text : user_text;
   TokenizedSample s;
   int64_t found_id = kImagePlaceholder;
   switch (t) {

@@ -55,7 +55,8 @@ std::string render_prompt(Template t, const std::vector<Turn>& turns);
 TokenizedSample tokenize_conversation(Template t, const std::vector<Turn>& turns, bool has_image,
                                       const Tokenizer& tok, const ImageTokens& image, int64_t model_max_length);
 
-// The ids a chat model continues from: one user turn (with "<image>\n" in front when has_image) and the
+// The ids a chat model continues from: one user turn (with "<image>\n" in front when has_image, unless the
+// text places <image> itself, as LLaVA's run_llava) and the
 // assistant's cue, tokenized as in training ("SYS USER: <image>\nQ ASSISTANT:" for vicuna_v1,
 // "USER: <image>\nQ ASSISTANT:" for llava_hf, the image alone for plain), images expanded like `image`.
 std::vector<int64_t> generation_prompt_ids(Template t, const std::string& user_text, bool has_image,

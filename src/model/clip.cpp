@@ -20,8 +20,10 @@ ClipEmbeddingsImpl::ClipEmbeddingsImpl(const VisionConfig& c, const torch::Tenso
 }
 
 torch::Tensor ClipEmbeddingsImpl::forward(const torch::Tensor& pixel_values) {
-  if (pixel_values.dim() != 4 || pixel_values.size(2) != image_size || pixel_values.size(3) != image_size)
-    fail("pixel_values", "expected [N,3," + std::to_string(image_size) + "," + std::to_string(image_size) +
+  const int64_t channels = patch_weight.size(1);  // the patch conv's input channels (3)
+  if (pixel_values.dim() != 4 || pixel_values.size(1) != channels || pixel_values.size(2) != image_size ||
+      pixel_values.size(3) != image_size)
+    fail("pixel_values", "expected [N," + std::to_string(channels) + "," + std::to_string(image_size) + "," + std::to_string(image_size) +
                              "], got " + c10::str(pixel_values.sizes()));
   auto pixels = pixel_values.to(patch_weight.scalar_type());
   auto patches = torch::conv2d(pixels, patch_weight, {}, patch_size);  // [N,D,g,g]

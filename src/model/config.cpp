@@ -60,6 +60,14 @@ void check_activation(const std::string& act, const std::string& where) {
   if (!known.count(act)) fail(where, "activation '" + act + "' is not supported");
 }
 
+// A real number the model divides or exponentiates by: finite, and > 0 (or >= 0 when zero is allowed), else
+// the forward computes NaN and the error would blame the loss instead of the key.
+double checked_real(double value, const std::string& key, bool zero_allowed, const std::string& where) {
+  if (!std::isfinite(value) || value < 0 || (!zero_allowed && value == 0))
+    fail(where, key + ": expected a finite number " + (zero_allowed ? ">= 0" : "> 0") + ", got " + c10::str(value));
+  return value;
+}
+
 VisionConfig parse_vision(const json& j, VisionConfig v, const std::string& where) {
   if (!j.is_object()) fail(where, "expected an object");
   std::string type = get<std::string>(j, "model_type", "clip_vision_model", where);
@@ -73,7 +81,7 @@ VisionConfig parse_vision(const json& j, VisionConfig v, const std::string& wher
   v.image_size = get_size(j, "image_size", v.image_size, 1 << 13, where);
   v.patch_size = get_size(j, "patch_size", v.patch_size, v.image_size, where);
   v.hidden_act = get(j, "hidden_act", v.hidden_act, where);
-  v.layer_norm_eps = get(j, "layer_norm_eps", v.layer_norm_eps, where);
+  v.layer_norm_eps = checked_real(get(j, "layer_norm_eps", v.layer_norm_eps, where), "layer_norm_eps", true, where);
   check_activation(v.hidden_act, where);
   if (v.hidden_size % v.num_attention_heads != 0) fail(where, "hidden_size is not a multiple of num_attention_heads");
   if (v.image_size % v.patch_size != 0) fail(where, "image_size is not a multiple of patch_size");
@@ -91,12 +99,14 @@ void parse_rope(const json& j, TextConfig& t, const std::string& where) {
   t.rope_theta = get(*rope, "rope_theta", t.rope_theta, where);
   std::string type = get<std::string>(*rope, "rope_type", get<std::string>(*rope, "type", "default", where), where);
   if (type == "linear") {
-    t.rope_factor = get(*rope, "factor", 1.0, where);
+    t.rope_factor = checked_real(get(*rope, "factor", 1.0, where), "rope factor", false, where);
   } else if (type != "default") {
     fail(where, "rope scaling type '" + type + "' is not supported (only default and linear)");
   }
   t.rope_type = type;
 }
+
+void check_rope_theta(const TextConfig& t, const std::string& where) { checked_real(t.rope_theta, "rope_theta", false, where); }
 
 TextConfig parse_text(const json& j, const std::string& where, bool allow_llava_type) {
   if (!j.is_object()) fail(where, "expected an object");
@@ -130,6 +140,8 @@ TextConfig parse_text(const json& j, const std::string& where, bool allow_llava_
   }
   if (get<int64_t>(j, "pretraining_tp", 1, where) != 1) fail(where, "pretraining_tp != 1 is not supported");
   parse_rope(j, t, where);
+  check_rope_theta(t, where);
+  checked_real(t.rms_norm_eps, "rms_norm_eps", true, where);
   check_activation(t.hidden_act, where);
   if (t.num_attention_heads % t.num_key_value_heads != 0)
     fail(where, "num_attention_heads is not a multiple of num_key_value_heads");

@@ -392,6 +392,14 @@ def move_slice_mapping(ckpt):
     torch.save(state, ckpt / RANK1)
 
 
+def zero_stage_3(ckpt):
+    """Rank 1's file claims ZeRO-3 (whose files partition every parameter on its own: another layout)."""
+    state = torch.load(ckpt / RANK1, weights_only=False)
+    osd = state["optimizer_state_dict"]
+    osd["zero_stage"] = type(osd["zero_stage"])(3)
+    torch.save(state, ckpt / RANK1)
+
+
 def truncate_file(name):
     def corrupt(ckpt):
         data = (ckpt / name).read_bytes()
@@ -412,8 +420,9 @@ def snapshot(directory):
     (contradict_param_shapes, ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "do not hold", MODEL_STATES]),
     (truncate_file(RANK1), [RANK1, "not a readable torch.save archive"]),
     (move_slice_mapping, [RANK1, "param_slice_mappings[0]", "param_shapes and the partition size put it at"]),
+    (zero_stage_3, [RANK1, "zero_stage: expected 1 or 2", "got 3"]),
 ], ids=["other-global", "truncated-partition", "missing-rank-file", "contradicts-param-shapes", "truncated-file",
-        "moved-slice-mapping"])
+        "moved-slice-mapping", "zero-stage-3"])
 def test_broken_deepspeed_checkpoint_is_a_clear_error_and_changes_nothing(world, zero_stage, deepspeed, corrupt,
                                                                           needles, request):
     name = "bad_" + re.sub(r"\W", "_", request.node.callspec.id)

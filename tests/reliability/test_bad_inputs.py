@@ -250,6 +250,35 @@ CASES = [
                                                 "--out", d / "o.safetensors"], ["none.safetensors"], None),
     ("infer_token_id_out_of_range", lambda w, d: ["infer", "--model", w["model"], "--input-ids", "1,999999",
                                                    "--max-new-tokens", 1], ["999999"], None),
+    ("eval_logits_labels_out_of_vocab", lambda w, d: ["eval-logits", "--model", w["model"], "--batch", save_batch(
+        d, input_ids=torch.ones(1, 4, dtype=torch.int64), labels=torch.tensor([[-100, 5, 999999, -100]])),
+        "--out", d / "o.safetensors"], ["batch.safetensors", "labels", "outside the vocabulary", "-100"], None),
+    ("eval_logits_labels_negative", lambda w, d: ["eval-logits", "--model", w["model"], "--batch", save_batch(
+        d, input_ids=torch.ones(1, 4, dtype=torch.int64), labels=torch.tensor([[-100, -5, 7, -100]])),
+        "--out", d / "o.safetensors"], ["batch.safetensors", "labels", "outside the vocabulary"], None),
+    ("infer_pixels_4_channels", lambda w, d: ["infer", "--model", w["model"], "--input-ids", "1,5", "--max-new-tokens", 1,
+                                              "--pixels", save_batch(d, pixel_values=torch.zeros(1, 4, 32, 32))],
+     ["pixel_values", "expected [N,3,"], None),
+    ("infer_temperature_tiny", lambda w, d: ["infer", "--model", w["model"], "--input-ids", "1,5", "--max-new-tokens", 1,
+                                             "--temperature", "1e-45"], ["--temperature", "1e-4"], None),
+    ("infer_image_path_with_newline", lambda w, d: ["infer", "--model", w["model"], "--prompt", "q", "--image", "no\nsuch.png"],
+     ["no\\nsuch.png"], None),
+    ("train_set_without_value", lambda w, d: ["train", w["root"] / "good.yaml", "--set"], ["--set", "key=value"], None),
+    ("train_stop_after_steps_negative", lambda w, d: ["train", w["root"] / "good.yaml", "--stop-after-steps", "-1"],
+     ["stop-after-steps"], None),
+    # --- adapter_config.json keys PEFT acts on: honoured as PEFT would load the adapter, or refused
+    ("adapter_target_modules_names_nothing_held", lambda w, d: adapter_with(w, d, target_modules=["nonexistent"]),
+     ["adapter_config.json", "'target_modules' [\"nonexistent\"] does not name module", "q_proj"], None),
+    ("adapter_target_modules_regex_unclosed", lambda w, d: adapter_with(w, d, target_modules="(unclosed"),
+     ["adapter_config.json", "'target_modules': not a regular expression"], None),
+    ("adapter_target_modules_regex_misses_v_proj", lambda w, d: adapter_with(w, d, target_modules=r".*\.q_proj"),
+     ["adapter_config.json", "does not name module", "v_proj"], None),
+    ("adapter_layers_to_transform", lambda w, d: adapter_with(w, d, layers_to_transform=[0], layers_pattern="layers"),
+     ["adapter_config.json", "'layers_to_transform' is not supported"], None),
+    ("adapter_exclude_modules", lambda w, d: adapter_with(w, d, exclude_modules=["q_proj"]),
+     ["adapter_config.json", "'exclude_modules' is not supported"], None),
+    ("adapter_lora_alpha_1e308", lambda w, d: adapter_with(w, d, lora_alpha=1e308),
+     ["adapter_config.json", "'lora_alpha'", "1e6"], None),
     # --- checkpoints
     ("inspect_empty_file", lambda w, d: ["inspect", (d / "x.safetensors").write_bytes(b"") or d / "x.safetensors"],
      ["x.safetensors"], None),
@@ -267,6 +296,30 @@ CASES = [
     ("infer_adapter_config_broken", lambda w, d: ["infer", "--model", w["model"], "--input-ids", "1,5", "--max-new-tokens", 1,
                                                   "--adapter", broken_adapter(d)], ["adapter_config.json"], None),
 ]
+
+
+def peft_adapter(w):
+    """A LoRA adapter on q_proj/v_proj written by PEFT's own save_pretrained (made once per module)."""
+    if "adapter" not in w:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained(str(w["model"]))
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"))
+        w["adapter"] = w["root"] / "peft_adapter"
+        peft.save_pretrained(str(w["adapter"]))
+    return w["adapter"]
+
+
+def adapter_with(w, d, **changes):
+    """PEFT's adapter with adapter_config.json keys changed; `infer` loads it."""
+    import shutil
+    a = d / "adapter"
+    shutil.copytree(peft_adapter(w), a)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    return ["infer", "--model", w["model"], "--input-ids", "1,5", "--max-new-tokens", 1, "--adapter", a]
 
 
 def save_batch(d, **tensors):
@@ -321,6 +374,23 @@ def test_bad_input_gives_one_clear_error(world, case_id, build, needles, known):
     proc = run(argv, check=False, timeout=TIMEOUT)
     line = check_one_clear_error(proc, needles)
     print(f"\n{case_id}: {line}")
+
+
+def test_infer_prompt_that_places_the_image_keeps_it_there(world):
+    """As LLaVA's run_llava: "<image>\nWhat?" is the same prompt as "What?" (the image leads either way), not two images."""
+    outs = []
+    for prompt in ["What is it?", "<image>\nWhat is it?"]:
+        proc = run([binary(), "infer", "--model", world["model"], "--image", world["images"] / "ok.png", "--prompt", prompt,
+                    "--max-new-tokens", 3, "--ids"], timeout=TIMEOUT)
+        outs.append(proc.stdout)
+    assert outs[0] == outs[1] and outs[0].strip(), outs
+
+
+def test_peft_adapter_with_its_own_target_modules_loads(world):
+    """The adapter PEFT wrote (target_modules ["q_proj", "v_proj"], list form) and the regex form PEFT accepts."""
+    run([binary(), *adapter_with(world, fresh(world, "adapter_list"))], timeout=TIMEOUT)
+    run([binary(), *adapter_with(world, fresh(world, "adapter_regex"), target_modules=r".*\.(q_proj|v_proj)")],
+        timeout=TIMEOUT)
 
 
 def test_the_good_setup_works(world):
