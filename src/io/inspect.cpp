@@ -112,7 +112,9 @@ void inspect_file(const fs::path& file, std::ostream& out, Totals& totals) {
   const std::string name = file.string();
   if (ends_with(name, ".safetensors") || ends_with(name, ".safetensors.index.json"))
     return inspect_safetensors(ShardedSafetensors::open(name), out, totals);
-  if (is_zip_file(name)) return walk(load_pt(name), "", out, totals);
+  // The widest restricted set: DeepSpeed's files and HF's rng_state.pth (NumPy arrays) list too, every
+  // global still rebuilt as plain data, never run.
+  if (is_zip_file(name)) return walk(load_pt(name, pickle::Globals::kDeepSpeed), "", out, totals);
   fail(name, "not a safetensors file, safetensors index or torch.save archive");
 }
 

@@ -356,7 +356,12 @@ Setting setting_from_override(const std::string& text) {
   const size_t eq = text.find('=');
   if (eq == std::string::npos || eq == 0) fail(where, "expected key=value (e.g. --set learning_rate=1e-4)");
   const std::string key = text.substr(0, eq);
-  return {key, parse_yaml_text(text.substr(eq + 1), where), where};
+  // An empty value would be YAML null, which every key reads as "not given": the file's value would stay
+  // in force while the command line seemed to change it.
+  const std::string value = text.substr(eq + 1);
+  if (value.find_first_not_of(" \t") == std::string::npos)
+    fail(where, "expected a value after '=' (an empty one would leave the file's " + key + " in force)");
+  return {key, parse_yaml_text(value, where), where};
 }
 
 std::string nearest_name(const std::string& key, const std::vector<std::string>& names) {

@@ -156,6 +156,9 @@ CASES = [
     # --- --set forms
     ("set_no_equals", lambda w, d: ["train", config(w, d), "--set", "lora_r"], ["--set lora_r", "expected key=value"]),
     ("set_no_key", lambda w, d: ["train", config(w, d), "--set", "=3"], ["--set =3", "expected key=value"]),
+    ("set_empty_value", lambda w, d: ["train", config(w, d), "--set", "output_dir="], ["--set output_dir=", "expected a value"]),
+    ("set_blank_value", lambda w, d: ["train", config(w, d), "--set", "model_name_or_path= "],
+     ["--set model_name_or_path= ", "expected a value"]),
     ("set_into_scalar", lambda w, d: ["train", config(w, d), "--set", "max_steps.x=1"], ["unknown key 'max_steps.x'"]),
     ("set_into_path", lambda w, d: ["train", config(w, d), "--set", "data_path.x=1"], ["unknown key 'data_path.x'", "data_path"]),
     ("set_map_value", lambda w, d: ["train", config(w, d), "--set", "max_steps={a: 1}"], ["key 'max_steps'", "a map"]),

@@ -313,7 +313,6 @@ def peft_adapter(w):
 
 def adapter_with(w, d, **changes):
     """PEFT's adapter with adapter_config.json keys changed; `infer` loads it."""
-    import shutil
     a = d / "adapter"
     shutil.copytree(peft_adapter(w), a)
     cfg = json.loads((a / "adapter_config.json").read_text())
@@ -396,6 +395,9 @@ def test_peft_adapter_with_its_own_target_modules_loads(world):
 def test_the_good_setup_works(world):
     """The table's base: the same config, data and model train, and infer/eval-logits/inspect run."""
     run([binary(), "train", world["root"] / "good.yaml"], timeout=TIMEOUT)
+    # inspect lists every file of the checkpoint it wrote, HF's rng_state.pth (NumPy arrays) included
+    listing = run([binary(), "inspect", world["root"] / "out" / "checkpoint-1"], timeout=TIMEOUT).stdout
+    assert "rng_state.pth" in listing and "optimizer.pt" in listing, listing
     run([binary(), "infer", "--model", world["model"], "--input-ids", "1,5,6", "--max-new-tokens", 1], timeout=TIMEOUT)
     run([binary(), "eval-logits", "--model", world["model"], "--batch", world["root"] / "batch.safetensors",
          "--out", world["root"] / "logits.safetensors"], timeout=TIMEOUT)
