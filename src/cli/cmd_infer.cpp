@@ -126,6 +126,7 @@ int run_infer(int argc, char** argv) {
   Prompt prompt;
   if (args.count("prompt")) {
     tokenizer = llava::data::Tokenizer::load(model_dir);
+    tokenizer->check_ids_fit(loaded.config.text.vocab_size, llava::model::config_json_path(model_dir));
     prompt = prompt_from_text(args, model_dir, loaded.config, *tokenizer);
   } else {
     prompt = prompt_from_ids(args);

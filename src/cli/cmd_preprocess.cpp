@@ -17,6 +17,7 @@
 #include "io/file_util.h"
 #include "io/json_input.h"
 #include "io/safetensors.h"
+#include "model/config.h"
 
 namespace {
 
@@ -73,6 +74,10 @@ int run_preprocess(int argc, char** argv) {
   const int64_t position = option_in_range<int64_t>(args, "position", 0, int64_t{1} << 40, argv[0]);
   const auto cfg = llava::data::load_data_config(args["config"].as<std::string>());
   const auto dataset = llava::data::make_dataset(cfg, image_tokens_from_model(cfg.model_name_or_path));
+  // The model's vocabulary, when the config names a model: a token past it fails only in training.
+  if (!cfg.model_name_or_path.empty() && fs::exists(llava::model::config_json_path(cfg.model_name_or_path)))
+    dataset.tokenizer().check_ids_fit(llava::model::load_text_vocab_size(cfg.model_name_or_path),
+                                      llava::model::config_json_path(cfg.model_name_or_path));
   const int64_t samples = static_cast<int64_t>(dataset.size());  // the trainer's rule (train/config.h)
   if (cfg.per_device_train_batch_size * world > (cfg.dataloader_drop_last ? samples : 2 * samples))
     llava::fail(args["config"].as<std::string>(),

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 
+#include "data/sentencepiece_check.h"
 #include "data/spm/spm_shim.h"
 #include "io/error.h"
 
@@ -53,6 +54,7 @@ const ShimApi& shim() {
 
 SentencePieceModel::SentencePieceModel(const std::string& proto, bool dummy_prefix, const std::string& where)
     : where_(where) {
+  check_sentencepiece_proto(proto, where);  // what libsentencepiece would trust unchecked (a crash, not an error)
   char err[512] = {0};
   handle_ = shim().load(proto.data(), proto.size(), dummy_prefix ? 0 : 1, err, sizeof(err));
   if (!handle_) fail(where, std::string("not a sentencepiece model: ") + err);

@@ -8,6 +8,7 @@
 
 #include "io/error.h"
 #include "io/json_input.h"
+#include "io/yaml_config.h"  // printable
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -147,7 +148,7 @@ Tokenizer Tokenizer::load(const std::string& dir) {
     int id = tok.sp_->piece_to_id(content);
     if (tok.sp_->id_to_piece(id) != content)
       fail(dir, key + " '" + content + "' is neither a sentencepiece piece nor an added token");
-    reg.add(content, id, true, "tokenizer.model");
+    reg.add(content, id, true, model_path);
     return id;
   };
   tok.unk_id_ = resolve("unk_token", "<unk>");
@@ -158,7 +159,7 @@ Tokenizer Tokenizer::load(const std::string& dir) {
 
   for (auto& [content, id_file] : reg.ids) {
     if (content.empty()) fail(id_file.second, "an added token is empty");
-    tok.added_.push_back({content, id_file.first, reg.special[content]});
+    tok.added_.push_back({content, id_file.first, reg.special[content], id_file.second});
   }
   std::stable_sort(tok.added_.begin(), tok.added_.end(),
                    [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
@@ -169,6 +170,20 @@ int64_t Tokenizer::vocab_size() const {
   int64_t n = sp_->piece_size();
   for (const auto& t : added_) n = std::max(n, t.id + 1);
   return n;
+}
+
+void Tokenizer::check_ids_fit(int64_t vocab_size, const std::string& vocab_where) const {
+  const std::string model_path = (fs::path(dir_) / "tokenizer.model").string();
+  const std::string limit = ", outside the model's vocabulary of " + std::to_string(vocab_size) + " ids (" + vocab_where + ")";
+  const int64_t pieces = sp_->piece_size();
+  if (pieces > vocab_size)
+    fail(model_path, "sentencepiece piece '" + io::printable(sp_->id_to_piece(static_cast<int>(vocab_size))) + "' has id " +
+                         std::to_string(vocab_size) + " (of " + std::to_string(pieces) + " pieces)" + limit);
+  for (const auto& t : added_)
+    if (t.id >= vocab_size)
+      fail(t.file, "token '" + io::printable(t.content) + "' has id " + std::to_string(t.id) + limit);
+  for (int64_t id : {bos_id_, eos_id_, unk_id_, pad_id_})  // each is a piece or an added token: checked above
+    if (id >= vocab_size) fail(dir_, "special token id " + std::to_string(id) + limit);
 }
 
 int64_t Tokenizer::token_id(const std::string& content) const {

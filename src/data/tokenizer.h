@@ -14,6 +14,7 @@ struct AddedToken {
   std::string content;
   int64_t id = -1;
   bool special = true;
+  std::string file;  // the file that gave its id, for errors
 };
 
 // One encoded piece and the bytes of the input it came from, for masking by character span.
@@ -47,6 +48,12 @@ class Tokenizer {
   int64_t vocab_size() const;                      // sentencepiece pieces + added tokens
   int64_t token_id(const std::string& content) const;  // an added token's id, or -1
   const std::string& dir() const { return dir_; }
+
+  // Every id encode() can produce (sentencepiece pieces, added and special tokens) must index a model
+  // vocabulary of `vocab_size` ids, else libtorch's embedding fails on the first batch that holds it
+  // (possibly hours into training). Error names the tokenizer file, the token, its id and `vocab_size`;
+  // `vocab_where` says where that number came from (the model's config.json).
+  void check_ids_fit(int64_t vocab_size, const std::string& vocab_where) const;
 
  private:
   Tokenizer();

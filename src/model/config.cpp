@@ -271,8 +271,23 @@ std::string resolve_vision_tower_dir(const std::string& model_dir, const LlavaCo
            "and point mm_vision_tower at it");
 }
 
+std::string config_json_path(const std::string& dir) {
+  return (fs::is_directory(dir) ? fs::path(dir) / "config.json" : fs::path(dir)).string();
+}
+
+int64_t load_text_vocab_size(const std::string& dir) {
+  const std::string path = config_json_path(dir);
+  if (!fs::exists(path)) fail(path, "config.json not found");
+  const json j = read_json(path);
+  if (!j.is_object()) fail(path, "expected a JSON object");
+  if (is_original_llava(j)) return get_size(j, "vocab_size", TextConfig{}.vocab_size, 1 << 22, path);
+  if (!j.contains("text_config") || j["text_config"].is_null()) return TextConfig{}.vocab_size;
+  if (!j["text_config"].is_object()) fail(path + ": text_config", "expected an object");
+  return get_size(j["text_config"], "vocab_size", TextConfig{}.vocab_size, 1 << 22, path + ": text_config");
+}
+
 LlavaConfig load_config(const std::string& dir, const std::string& vision_tower_dir) {
-  fs::path path = fs::is_directory(dir) ? fs::path(dir) / "config.json" : fs::path(dir);
+  fs::path path = config_json_path(dir);
   std::string model_dir = fs::is_directory(dir) ? dir : path.parent_path().string();
   if (!fs::exists(path)) fail(path.string(), "config.json not found");
   json j = read_json(path.string());

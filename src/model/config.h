@@ -79,6 +79,13 @@ struct LlavaConfig {
 // relative to `dir`. Error names the file and key for anything unsupported or malformed.
 LlavaConfig load_config(const std::string& dir, const std::string& vision_tower_dir = "");
 
+// `<dir>/config.json`, or `dir` itself when it names a file (as load_config reads it).
+std::string config_json_path(const std::string& dir);
+
+// The text model's vocab_size from config.json alone (text_config.vocab_size, or vocab_size of an original
+// LLaVA config; 32000 when absent, as load_config), for tools that do not load the rest of the model.
+int64_t load_text_vocab_size(const std::string& dir);
+
 // The CLIP dir the original-LLaVA config points at (resolved as above); Error if it does not exist.
 std::string resolve_vision_tower_dir(const std::string& model_dir, const LlavaConfig& config,
                                      const std::string& vision_tower_dir = "");

@@ -342,6 +342,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
   // weights load and long before anything is written to output_dir.
   const auto model_config = model::load_config(cfg.model_name_or_path, cfg.vision_tower);
   const auto dataset = data::make_dataset(cfg.data, image_tokens_for(model_config));
+  // An added token past the embedding would fail only in the first batch that holds it.
+  dataset.tokenizer().check_ids_fit(model_config.text.vocab_size, model::config_json_path(cfg.model_name_or_path));
   check_against_model_and_data(cfg, model_config, static_cast<int64_t>(dataset.size()), comm.world_size());
   // Samples LLaVA's tokenization-mismatch rule masks whole train nothing: a data set mostly made of them is
   // refused here, before anything is written; the others are named (data/masked_samples.h).

@@ -188,6 +188,26 @@ def data_record_seeds():
     put(d, "regress-deep-line.jsonl", json.dumps(recs[1]) + "\n" + deep_json() + "\n")
 
 
+def tokenizer_model_seeds():
+    """tokenizer.model files sentencepiece trains (identity and nmt_nfkc normalization), the nmt_nfkc
+    charsmap alone, and small hand-made Darts-clone tries (see tests/data/test_tokenizer_model_checks.py)."""
+    import sentencepiece as spm
+    import data_fixtures as fx
+    d = target("tokenizer_model")
+    for rule in ("identity", "nmt_nfkc"):
+        model = io.BytesIO()  # in memory: no temporary path recorded in trainer_spec (reproducible bytes)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(fx.CORPUS * 50), model_writer=model, vocab_size=400, model_type="bpe",
+            hard_vocab_limit=False, byte_fallback=True, normalization_rule_name=rule, unk_id=0, bos_id=1,
+            eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2)
+        put(d, rule + ".model", model.getvalue())
+    sys.path.insert(0, os.path.join(ROOT, "tests", "data"))
+    import test_tokenizer_model_checks as checks
+    put(d, "nmt_nfkc.charsmap", checks.charsmap_of(open(os.path.join(d, "nmt_nfkc.model"), "rb").read()))
+    for depth in (1, 3, 32):
+        put(d, "chain%d.charsmap" % depth, checks.blob_of(checks.chain_trie(depth)))
+
+
 if __name__ == "__main__":
     safetensors_seeds()
     sharded_index_seeds()
@@ -195,5 +215,6 @@ if __name__ == "__main__":
     model_config_seeds()
     train_config_seeds()
     data_record_seeds()
+    tokenizer_model_seeds()
     total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(HERE, "corpus")) for f in fs)
     print(f"corpus: {total} bytes")
