@@ -6,6 +6,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include "checkpoint/state_checks.h"
 #include "io/error.h"
 #include "io/pickle.h"
 #include "io/torch_archive.h"
@@ -82,6 +83,7 @@ std::optional<HfRngState> read_hf_rng_state(const std::string& dir, int rank, in
   HfRngState state;
   state.file = path;
   state.cpu = checked_state(path, "cpu", cpu->value(), cpu_state_bytes(), "torch.get_rng_state()");
+  check_cpu_generator_state(state.cpu, path, "cpu");
   if (cuda_device >= 0)
     if (auto cuda = dict.find("cuda"); cuda != dict.end()) state.cuda = cuda_state_for(path, cuda->value(), cuda_device);
   return state;
