@@ -186,9 +186,7 @@ std::optional<torch::Tensor> read_cuda_rng_state(const std::string& dir, int ran
   const std::string name = file.contains(mine) ? mine : "cuda_rank_0";
   if (!file.contains(name)) return std::nullopt;
   auto state = file.get(name);
-  if (state.scalar_type() != torch::kUInt8 || state.dim() != 1 || state.numel() == 0 || state.numel() > 4096)
-    fail(path, "'" + name + "' is not a CUDA generator state (expected uint8 [n], got " +
-                   c10::toString(state.scalar_type()) + " " + c10::str(state.sizes()) + ")");
+  check_cuda_generator_state(state, path, name);
   return state.clone();
 }
 

@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
+#include <cstring>
 #include <sstream>
 
 #include "checkpoint/checkpoint_dir.h"
@@ -59,6 +60,18 @@ void check_cpu_generator_state(const torch::Tensor& state, const std::string& fi
     fail(file, "'" + tensor + "' is not a valid CPU generator state (torch.get_rng_state()): " +
                    e.what_without_backtrace() + "; nothing was changed");
   }
+}
+
+void check_cuda_generator_state(const torch::Tensor& state, const std::string& file, const std::string& tensor) {
+  constexpr int64_t kBytes = 16;  // uint64 seed, int64 Philox offset (little-endian)
+  if (state.scalar_type() != torch::kUInt8 || state.dim() != 1 || state.numel() != kBytes)
+    fail(file, "'" + tensor + "' is not a CUDA generator state (torch.cuda.get_rng_state()): expected uint8 [16], got " +
+                   std::string(c10::toString(state.scalar_type())) + " " + c10::str(state.sizes()));
+  int64_t offset = 0;
+  std::memcpy(&offset, state.contiguous().data_ptr<uint8_t>() + 8, sizeof(offset));
+  if (offset < 0 || offset % 4 != 0)
+    fail(file, "'" + tensor + "' is not a valid CUDA generator state: its Philox offset " + std::to_string(offset) +
+                   " is not a non-negative multiple of 4; nothing was changed");
 }
 
 }  // namespace llava::checkpoint

@@ -30,4 +30,9 @@ void check_step_at_most(int64_t step, int64_t global_step, const std::string& fi
 // valid), else an Error naming `file` and `tensor` instead of libtorch's bare "Invalid mt19937 state".
 void check_cpu_generator_state(const torch::Tensor& state, const std::string& file, const std::string& tensor);
 
+// A CUDA generator state (torch.cuda.get_rng_state()): 16 bytes, the seed and the Philox offset, which
+// libtorch's set_state wants a multiple of 4; checked here so that a CPU-side read names `file` and `tensor`
+// instead of libtorch failing bare on the device.
+void check_cuda_generator_state(const torch::Tensor& state, const std::string& file, const std::string& tensor);
+
 }  // namespace llava::checkpoint

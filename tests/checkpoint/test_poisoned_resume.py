@@ -39,12 +39,21 @@ def world(tmp_path_factory):
                  "seed": 0})
     runs = {}
     for kind, settings in {"lora": LORA, "projector": {"tune_mm_mlp_adapter": True}, "full": {},
-                           "lora_ds": {**LORA, "deepspeed": str(ZERO2)}}.items():
+                           "lora_bf16": {**LORA, "bf16": True}, "lora_ds": {**LORA, "deepspeed": str(ZERO2)}}.items():
         out = root / ("src_" + kind)
         cfg = {**base, **settings, "output_dir": str(out)}
         (root / f"{kind}.yaml").write_text(yaml.safe_dump(cfg))
         run([binary(), "train", root / f"{kind}.yaml"], timeout=TIMEOUT)
         runs[kind] = (cfg, out)
+    # bf16 on 2 ranks under ZeRO-2: zero_shards/ with the fp32 masters (no optimizer.pt, as past
+    # consolidate_optimizer_max_size 0); resumed here by one rank taking 2 samples per step (the same global batch).
+    out = root / "src_zero"
+    cfg = {**base, **LORA, "bf16": True, "zero_stage": 2, "consolidate_optimizer_max_size": 0,
+           "per_device_train_batch_size": 1, "output_dir": str(out)}
+    (root / "zero.yaml").write_text(yaml.safe_dump(cfg))
+    run([binary("LLAVA_RUN"), "--standalone", "--nproc_per_node=2", binary(), "train", root / "zero.yaml"],
+        timeout=TIMEOUT)
+    runs["zero"] = ({**cfg, "per_device_train_batch_size": 2}, out)
     # HF Trainer + DeepSpeed's own layout: no optimizer.pt beside global_step3/.
     (runs["lora_ds"][1] / "checkpoint-3" / "optimizer.pt").unlink()
     return {"root": root, "runs": runs, "n": [0]}
@@ -186,6 +195,51 @@ def test_deepspeed_fp32_partition_nan(world):
     f = ds_edit(ck, lambda s: s["single_partition_of_fp32_groups"][0].__setitem__(2, float("nan")))
     refused(out, cfg, f"error: {f}: single_partition_of_fp32_groups[0] holds non-finite values (NaN or Inf)"
                       f"{NOTHING}")
+
+
+def zero_shard(ck):
+    return ck / "zero_shards" / "rank_0_of_2.safetensors"
+
+
+def zero_key(f, prefix):
+    return next(k for k in sorted(load_file(str(f))) if k.startswith(prefix))
+
+
+def test_zero_shard_negative_exp_avg_sq(world):
+    out, ck, cfg = case(world, "zero")
+    f = zero_shard(ck)
+    key = zero_key(f, "exp_avg_sq/")
+    edit_safetensors(f, lambda t: t[key].view(-1).__setitem__(0, -1.0))
+    refused(out, cfg, f"error: {f}: exp_avg_sq of '{key.split('/', 1)[1]}' holds negative values (it is a mean of "
+                      f"squares){NOTHING}")
+
+
+def test_zero_shard_master_nan(world):
+    out, ck, cfg = case(world, "zero")
+    f = zero_shard(ck)
+    key = zero_key(f, "master/")
+    edit_safetensors(f, lambda t: t[key].view(-1).__setitem__(0, float("nan")))
+    refused(out, cfg, f"error: {f}: '{key}' holds non-finite values (NaN or Inf){NOTHING}")
+
+
+def test_zero_shard_step_beyond_global_step(world):
+    out, ck, cfg = case(world, "zero")
+    f = zero_shard(ck)
+    meta = _metadata(f)
+    ranges = json.loads(meta["ranges"])
+    ranges[0]["step"] = 9
+    tensors = load_file(str(f))
+    save_file(tensors, str(f), metadata={**meta, "ranges": json.dumps(ranges)})
+    refused(out, cfg, f"error: {ck / 'zero_shards'}: the Adam step of '{ranges[0]['name']}' is 9 updates, more than "
+                      f"global_step 3 in {ck / 'trainer_state.json'}{NOTHING}")
+
+
+def test_master_weights_inf(world):
+    out, ck, cfg = case(world, "lora_bf16")
+    f = ck / "llava_master_weights.safetensors"
+    key = sorted(load_file(str(f)))[-1]
+    edit_safetensors(f, lambda t: t[key].view(-1).__setitem__(0, float("-inf")))
+    refused(out, cfg, f"error: {f}: '{key}' holds non-finite values (NaN or Inf){NOTHING}")
 
 
 # ------------------------------------------------------------------ 6: trained weights must be finite

@@ -27,7 +27,10 @@ struct ProjectorRun {
 
   ProjectorRun() {
     checkpoint::ParamGroup g{"decay", {}, {}, /*base_lr=*/2e-3, /*lr=*/2e-3, /*weight_decay=*/0.1};
+    torch::NoGradGuard no_grad;
+    torch::manual_seed(5);  // finite weights (the model's tensors start uninitialized; a resume refuses NaN)
     for (auto& p : model->model->multi_modal_projector->named_parameters()) {
+      p.value().uniform_(-1, 1);
       g.names.push_back("model.multi_modal_projector." + p.key());
       g.params.push_back(p.value());
     }
