@@ -58,7 +58,9 @@ std::string read_tag(const std::string& dir) {
   while (!tag.empty() && std::isspace(static_cast<unsigned char>(tag.back()))) tag.pop_back();
   if (tag.empty() || tag.size() > 255 || tag.find('/') != std::string::npos || tag == "." || tag == "..")
     fail(path, "expected the name of a folder beside it (e.g. global_step100), got '" + tag.substr(0, 64) + "'");
-  if (!fs::is_directory(fs::path(dir) / tag)) fail(path, "names '" + tag + "', which is not a folder of " + dir);
+  std::error_code ec;  // a symlink loop or dangling link is no folder either
+  if (!fs::is_directory(fs::path(dir) / tag, ec) || ec)
+    fail(path, "names '" + tag + "', which is not a folder of " + dir);
   return tag;
 }
 

@@ -201,7 +201,7 @@ Restored restore(const RestoreRequest& r) {
   }
   check_trained_weights(r, full_layout);
   // The optimizer: ZeRO shard files when there are (any world size reads them), else optimizer.pt.
-  std::string optimizer_file = in_dir(dir, "optimizer.pt");
+  const std::string optimizer_file = in_dir(dir, "optimizer.pt");
   if (auto ranges = read_zero_shards(dir); !ranges.empty()) {
     out.ranges = std::move(ranges);
     out.ranges_where = (fs::path(dir) / "zero_shards").string();

@@ -430,3 +430,11 @@ def test_named_incomplete_checkpoint_is_an_error(world, how):
     cfg.write_text(yaml.safe_dump(c))
     refused(out, cfg, f"error: {ck / how}: no such file: the checkpoint is incomplete (this run needs it to resume)"
                       f"{NOTHING}")
+
+
+def test_deepspeed_tag_folder_symlink_loop(world):
+    """`latest` names global_step3, a symlink to itself: one error naming `latest`, no filesystem_error text."""
+    out, ck, cfg = case(world, "lora_ds")
+    shutil.rmtree(ck / "global_step3")
+    os.symlink("global_step3", ck / "global_step3")
+    refused(out, cfg, f"error: {ck / 'latest'}: names 'global_step3', which is not a folder of {ck}")
