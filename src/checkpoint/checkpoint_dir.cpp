@@ -87,7 +87,8 @@ std::vector<std::string> complete_checkpoints(const std::string& output_dir) {
   for (auto& entry : fs::directory_iterator(output_dir)) {
     std::smatch m;
     const std::string name = entry.path().filename().string();
-    if (entry.is_directory() && std::regex_match(name, m, pattern))
+    std::error_code ec;  // an entry that cannot be stat'ed (a symlink loop, a dangling link) is no checkpoint
+    if (entry.is_directory(ec) && !ec && std::regex_match(name, m, pattern))
       found.emplace_back(checkpoint_step(m[1].str(), entry.path().string()), entry.path().string());
   }
   std::sort(found.begin(), found.end());

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <map>
 
+#include "checkpoint/state_checks.h"
 #include "checkpoint/torch_optimizer.h"
 #include "io/error.h"
 #include "io/file_util.h"
@@ -57,7 +58,9 @@ std::string read_tag(const std::string& dir) {
   while (!tag.empty() && std::isspace(static_cast<unsigned char>(tag.back()))) tag.pop_back();
   if (tag.empty() || tag.size() > 255 || tag.find('/') != std::string::npos || tag == "." || tag == "..")
     fail(path, "expected the name of a folder beside it (e.g. global_step100), got '" + tag.substr(0, 64) + "'");
-  if (!fs::is_directory(fs::path(dir) / tag)) fail(path, "names '" + tag + "', which is not a folder of " + dir);
+  std::error_code ec;  // a symlink loop or dangling link is no folder either
+  if (!fs::is_directory(fs::path(dir) / tag, ec) || ec)
+    fail(path, "names '" + tag + "', which is not a folder of " + dir);
   return tag;
 }
 
@@ -158,6 +161,7 @@ RankState read_rank(const std::string& file, const std::vector<std::vector<Slot>
     s.partition_count = count;
     s.paddings.push_back(r.integer(paddings.get(g), "group_paddings" + gs));
     s.master.push_back(r.flat_fp32(partitions.get(g), "single_partition_of_fp32_groups" + gs));
+    check_finite_weights(s.master.back(), file, "single_partition_of_fp32_groups" + gs);
     auto pg = r.dict(param_groups.get(g), "param_groups" + gs);
     DeepSpeedGroup group;
     group.lr = r.number(r.at(pg, "lr"), "param_groups" + gs + ".lr");
@@ -170,9 +174,11 @@ RankState read_rank(const std::string& file, const std::vector<std::vector<Slot>
       s.exp_avg_sq.push_back(torch::Tensor());
     } else {
       auto gstate = r.dict(it->value(), "base_optimizer_state.state" + gs);
-      group.step = static_cast<int64_t>(r.number(r.at(gstate, "step"), "state" + gs + ".step"));
+      group.step = adam_step_from(r.number(r.at(gstate, "step"), "state" + gs + ".step"), file,
+                                  "base_optimizer_state.state" + gs + ".step");
       s.exp_avg.push_back(r.flat_fp32(r.at(gstate, "exp_avg"), "state" + gs + ".exp_avg"));
       s.exp_avg_sq.push_back(r.flat_fp32(r.at(gstate, "exp_avg_sq"), "state" + gs + ".exp_avg_sq"));
+      check_adam_moments(s.exp_avg.back(), s.exp_avg_sq.back(), file, "base_optimizer_state.state" + gs);
       if (s.exp_avg.back().numel() != numel || s.exp_avg_sq.back().numel() != numel)
         r.bad("state" + gs + ": the Adam moments have " + std::to_string(s.exp_avg.back().numel()) + " / " +
               std::to_string(s.exp_avg_sq.back().numel()) + " elements, the fp32 partition " + std::to_string(numel));
@@ -216,6 +222,13 @@ void check_slice_mappings(const std::string& file, const RankState& state, int64
 }  // namespace
 
 bool is_deepspeed_checkpoint(const std::string& dir) { return fs::is_regular_file(fs::path(dir) / "latest"); }
+
+std::string deepspeed_optim_file(const std::string& dir, int64_t rank) {
+  const std::string tag_dir = (fs::path(dir) / read_tag(dir)).string();
+  const std::string file = rank_file(tag_dir, rank);
+  return file.empty() ? (fs::path(tag_dir) / ("zero_pp_rank_" + std::to_string(rank) + "_mp_rank_00_optim_states.pt")).string()
+                      : file;
+}
 
 DeepSpeedCheckpoint read_deepspeed_checkpoint(const std::string& dir) {
   DeepSpeedCheckpoint ckpt;

@@ -43,6 +43,10 @@ struct DeepSpeedCheckpoint {
 // `dir` has a `latest` file (DeepSpeed's tag) next to the folder it names.
 bool is_deepspeed_checkpoint(const std::string& dir);
 
+// Rank `rank`'s [bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt in the folder `latest` names (the plain
+// name when there is neither), for messages.
+std::string deepspeed_optim_file(const std::string& dir, int64_t rank);
+
 // Reads and checks every file; any fault (a missing or truncated rank file, partitions that do not add up
 // to param_shapes, slice mappings that place a tensor elsewhere, another pickle global) is a llava::Error
 // naming the file.

@@ -6,6 +6,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include "checkpoint/state_checks.h"
 #include "io/error.h"
 #include "io/pickle.h"
 #include "io/torch_archive.h"
@@ -42,13 +43,20 @@ torch::Tensor checked_state(const std::string& path, const std::string& key, con
 // "cuda": one state (HF's non-distributed save) or one per device (get_rng_state_all); the one for `device`.
 std::optional<torch::Tensor> cuda_state_for(const std::string& path, const c10::IValue& v, int device) {
   const std::string what = "torch.cuda.get_rng_state(), or a list of them";
-  if (v.isTensor()) return checked_state(path, "cuda", v, kCudaStateBytes, what);
+  if (v.isTensor()) {
+    auto state = checked_state(path, "cuda", v, kCudaStateBytes, what);
+    check_cuda_generator_state(state, path, "cuda");
+    return state;
+  }
   std::vector<c10::IValue> states;
   if (v.isList()) states = v.toListRef().vec();
   else if (v.isTuple()) states = v.toTupleRef().elements().vec();
   else fail(path, "'cuda' must be a 1-D uint8 tensor of 16 bytes (" + what + ")");
   if (device >= static_cast<int>(states.size())) return std::nullopt;
-  return checked_state(path, "cuda[" + std::to_string(device) + "]", states[device], kCudaStateBytes, what);
+  const std::string key = "cuda[" + std::to_string(device) + "]";
+  auto state = checked_state(path, key, states[device], kCudaStateBytes, what);
+  check_cuda_generator_state(state, path, key);
+  return state;
 }
 
 // random.getstate() of `words` right after seeding: (3, (words..., 624), None).
@@ -82,6 +90,7 @@ std::optional<HfRngState> read_hf_rng_state(const std::string& dir, int rank, in
   HfRngState state;
   state.file = path;
   state.cpu = checked_state(path, "cpu", cpu->value(), cpu_state_bytes(), "torch.get_rng_state()");
+  check_cpu_generator_state(state.cpu, path, "cpu");
   if (cuda_device >= 0)
     if (auto cuda = dict.find("cuda"); cuda != dict.end()) state.cuda = cuda_state_for(path, cuda->value(), cuda_device);
   return state;

@@ -1,5 +1,6 @@
 #include "checkpoint/hf_state.h"
 
+#include "checkpoint/state_checks.h"
 #include "checkpoint/torch_optimizer.h"
 #include "io/error.h"
 #include "io/pickle.h"
@@ -77,12 +78,20 @@ void load_adamw_state_dict(AdamWState& optimizer, const c10::IValue& value, cons
       auto s = it->value().toGenericDict();
       AdamState& dst = optimizer.state[g][i];
       const auto& param = group.params[i];
+      const std::string what = "state[" + c10::str(ids.get(i)) + "] of '" +
+                               (i < group.names.size() ? group.names[i] : "parameter " + std::to_string(i)) + "'";
       auto exp_avg = entry(s, "exp_avg", where).toTensor(), exp_avg_sq = entry(s, "exp_avg_sq", where).toTensor();
       if (exp_avg.sizes() != param.sizes() || exp_avg_sq.sizes() != param.sizes())
         fail(where, "state of " + (i < group.names.size() ? group.names[i] : "parameter " + std::to_string(i)) +
                         " has shape " + c10::str(exp_avg.sizes()) + ", the parameter has " + c10::str(param.sizes()));
       const auto& step = entry(s, "step", where);
-      dst.step = step.isTensor() ? static_cast<int64_t>(step.toTensor().item<double>()) : static_cast<int64_t>(step.toDouble());
+      if (!(step.isTensor() && step.toTensor().numel() == 1) && !step.isDouble() && !step.isInt())
+        fail(where, "\"step\" of " + what + " must be a number or a one-element tensor");
+      dst.step = adam_step_from(step.isTensor() ? step.toTensor().item<double>()
+                                : step.isInt() ? static_cast<double>(step.toInt()) : step.toDouble(),
+                                where,
+                                "\"step\" of " + what);
+      check_adam_moments(exp_avg, exp_avg_sq, where, what);
       // Our moments are fp32 whatever the parameter's dtype (bf16 runs keep fp32 masters); torch's for a
       // bf16 parameter are bf16, which widen exactly. Never narrowed to the parameter's dtype: a bf16 run's
       // resume would round its fp32 moments (and the update would meet bf16 moments beside fp32 masters).

@@ -5,6 +5,7 @@
 #pragma once
 #include <functional>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -18,9 +19,20 @@
 
 namespace llava::checkpoint {
 
-// resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (none: a fresh start),
-// or a checkpoint dir (an error naming it when it has no trainer_state.json). Returns "" for a fresh start.
-std::string checkpoint_to_resume(const std::string& resume_from_checkpoint, const std::string& output_dir);
+// The first file a checkpoint-N must hold for a run training `weights` to resume from it, that `dir` lacks
+// ("" when complete): trainer_state.json; the trained weights (adapter_model.safetensors|.bin +
+// non_lora_trainables.bin, mm_projector.bin, or model.safetensors[.index.json] / pytorch_model.bin[.index.json]);
+// the optimizer state (optimizer.pt or zero_shards/). A HF Trainer + DeepSpeed checkpoint (`latest`, no
+// optimizer.pt) keeps weights and state in global_stepN/ (its reader names what is missing there); a LoRA
+// one still needs the adapter.
+std::string missing_checkpoint_file(const std::string& dir, TrainingState::Weights weights);
+
+// resume_from_checkpoint: "auto" = the newest complete checkpoint-N of output_dir (an incomplete one, e.g.
+// an interrupted copy, is skipped with one warning line on `log` naming the folder and the missing file;
+// none: a fresh start), or a checkpoint dir (an error naming the missing file when it is incomplete).
+// Returns "" for a fresh start.
+std::string checkpoint_to_resume(const std::string& resume_from_checkpoint, const std::string& output_dir,
+                                 TrainingState::Weights weights, std::ostream& log);
 
 // What the resuming run is.
 struct RestoreRequest {

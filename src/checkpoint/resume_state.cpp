@@ -6,6 +6,8 @@
 #include <mutex>
 #include <set>
 
+#include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/state_checks.h"
 #include "io/error.h"
 #include "io/file_util.h"
 #include "io/json_input.h"
@@ -29,6 +31,19 @@ std::vector<int64_t> shape_from_json(const nlohmann::json& j, const std::string&
   for (auto& d : j) shape.push_back(io::json_integer(d, where + ": shape", 0));
   return shape;
 }
+// {"epoch", "position"} of the next batch: whole numbers, the position a multiple of the samples an optimizer
+// step takes (the trainer writes (step % steps_per_epoch) x samples_per_step).
+void check_sampler_position(const nlohmann::json& sampler, int64_t samples_per_step, const std::string& path) {
+  if (!sampler.is_object()) fail(path, "\"sampler\": expected {\"epoch\": integer, \"position\": integer}");
+  for (const char* key : {"epoch", "position"})
+    if (!sampler.contains(key)) fail(path, std::string("\"sampler\": no \"") + key + "\"");
+  io::json_integer(sampler.at("epoch"), path + ": \"sampler.epoch\"", 0, kMaxStep);
+  const int64_t position = io::json_integer(sampler.at("position"), path + ": \"sampler.position\"", 0, kMaxStep);
+  if (position % samples_per_step != 0)
+    fail(path, "\"sampler.position\" " + std::to_string(position) + " is not a multiple of samples_per_step " +
+                   std::to_string(samples_per_step) + " (the trainer saves between optimizer steps)");
+}
+
 }  // namespace
 
 void write_run_signature(const std::string& dir, const RunSignature& s) {
@@ -47,6 +62,10 @@ std::optional<RunSignature> read_run_signature(const std::string& dir) {
   if (!fs::exists(path)) return std::nullopt;
   const auto j = io::read_json_file(path);
   try {
+    if (!j.is_object()) fail(path, "expected a resume state object, got " + std::string(j.type_name()));
+    if (!j.contains("format") || j.at("format") != 1)
+      fail(path, "\"format\": expected 1 (the only format this version reads), got " +
+                     (j.contains("format") ? j.at("format").dump() : std::string("none")));
     RunSignature s;
     for (auto& t : j.at("trainables")) s.trainables.push_back({t.at("name"), shape_from_json(t.at("shape"), path + ": trainables")});
     s.lora = j.at("lora");
@@ -55,6 +74,7 @@ std::optional<RunSignature> read_run_signature(const std::string& dir) {
     s.world_size = io::json_integer(j.at("world_size"), path + ": world_size", 1, 1 << 20);
     s.zero_stage = io::json_integer(j.at("zero_stage"), path + ": zero_stage", 0, 3);
     s.sampler = j.at("sampler");
+    check_sampler_position(s.sampler, s.samples_per_step, path);
     if (j.contains("logging")) {
       const auto& l = j.at("logging");
       if (!l.at("last_logged_step").is_number_integer() || !l.at("loss_since_log").is_number())
@@ -166,9 +186,7 @@ std::optional<torch::Tensor> read_cuda_rng_state(const std::string& dir, int ran
   const std::string name = file.contains(mine) ? mine : "cuda_rank_0";
   if (!file.contains(name)) return std::nullopt;
   auto state = file.get(name);
-  if (state.scalar_type() != torch::kUInt8 || state.dim() != 1 || state.numel() == 0 || state.numel() > 4096)
-    fail(path, "'" + name + "' is not a CUDA generator state (expected uint8 [n], got " +
-                   c10::toString(state.scalar_type()) + " " + c10::str(state.sizes()) + ")");
+  check_cuda_generator_state(state, path, name);
   return state.clone();
 }
 
@@ -183,6 +201,7 @@ std::optional<torch::Tensor> read_rng_state(const std::string& dir, int rank) {
     fail(path, "'" + name + "' is not a CPU generator state (expected uint8 [" +
                    std::to_string(cpu_rng_state().numel()) + "], got " + c10::toString(state.scalar_type()) + " " +
                    c10::str(state.sizes()) + ")");
+  check_cpu_generator_state(state, path, name);
   return state.clone();
 }
 
@@ -230,8 +249,15 @@ std::vector<RangeState> read_zero_shards(const std::string& dir) {
                            std::to_string(s.length));
           return t;
         };
-        if (s.step > 0) s.exp_avg = get("exp_avg"), s.exp_avg_sq = get("exp_avg_sq");
-        if (file.contains("master/" + key)) s.master = get("master");
+        if (s.step > kMaxStep) fail(where, "step " + std::to_string(s.step) + " of '" + key + "' is out of range");
+        if (s.step > 0) {
+          s.exp_avg = get("exp_avg"), s.exp_avg_sq = get("exp_avg_sq");
+          check_adam_moments(s.exp_avg, s.exp_avg_sq, path, "'" + key + "'");
+        }
+        if (file.contains("master/" + key)) {
+          s.master = get("master");
+          check_finite_weights(s.master, path, "'master/" + key + "'");
+        }
         out.push_back(std::move(s));
       }
     } catch (const nlohmann::json::exception& e) {
@@ -250,7 +276,10 @@ std::vector<std::pair<std::string, torch::Tensor>> read_master_weights(const std
   if (!fs::exists(path)) return {};
   auto file = io::SafetensorsFile::open(path);
   std::vector<std::pair<std::string, torch::Tensor>> out;
-  for (auto& t : file.tensors()) out.push_back({t.name, file.get(t.name).to(torch::kFloat32).clone()});
+  for (auto& t : file.tensors()) {
+    out.push_back({t.name, file.get(t.name).to(torch::kFloat32).clone()});
+    check_finite_weights(out.back().second, path, "'" + t.name + "'");
+  }
   return out;
 }
 

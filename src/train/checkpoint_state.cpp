@@ -33,11 +33,6 @@ checkpoint::DeepSpeedSave deepspeed_run(const TrainConfig& cfg, int64_t global_s
   return run;
 }
 
-checkpoint::TrainingState::Weights weights_kind(const TrainConfig& cfg, const std::vector<LoraModule>& lora) {
-  using W = checkpoint::TrainingState::Weights;
-  return !lora.empty() ? W::kLora : cfg.tune_mm_mlp_adapter ? W::kProjector : W::kFull;
-}
-
 // DeepSpeed's `module` of a run without LoRA: every parameter (frozen ones too: HF Trainer has DeepSpeed load
 // a non-PEFT model's `module` strictly) and a tied lm_head under its own name, as the HF model's state_dict()
 // lists it.
@@ -53,6 +48,11 @@ void deepspeed_module(model::LlavaForConditionalGeneration& model, checkpoint::T
 }
 
 }  // namespace
+
+checkpoint::TrainingState::Weights weights_kind(const TrainConfig& cfg, const std::vector<LoraModule>& lora) {
+  using W = checkpoint::TrainingState::Weights;
+  return !lora.empty() ? W::kLora : cfg.tune_mm_mlp_adapter ? W::kProjector : W::kFull;
+}
 
 checkpoint::SaveOptions save_options(const TrainConfig& cfg, const model::LoadedModel& loaded, bool async) {
   return {cfg.output_dir, cfg.model_name_or_path, loaded.layout, cfg.max_shard_size, cfg.save_total_limit, async};

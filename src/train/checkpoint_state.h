@@ -27,6 +27,10 @@ checkpoint::TrainingState training_state(const TrainConfig& cfg, model::LoadedMo
                                          ShardedAdamW& optimizer, dist::Communicator& comm, bool async, const checkpoint::TrainerState& state,
                                          const checkpoint::RunSignature& signature, double next_lr_factor);
 
+// Which trained weights a run's checkpoints hold: LoRA (adapter + projector), the projector only (stage 1),
+// or every weight.
+checkpoint::TrainingState::Weights weights_kind(const TrainConfig& cfg, const std::vector<LoraModule>& lora);
+
 // Puts the trained weights, the optimizer state and this rank's RNG state of `dir` back (LoRA through
 // `load_lora`, which checks the adapter against the config) and logs the allowed differences; returns
 // what was read (trainer state, our run signature). Works for a checkpoint of any world size and ZeRO

@@ -428,7 +428,8 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
     return s;
   };
   int64_t step = 0;
-  if (const std::string resume = checkpoint::checkpoint_to_resume(cfg.resume_from_checkpoint, cfg.output_dir);
+  if (const std::string resume = checkpoint::checkpoint_to_resume(cfg.resume_from_checkpoint, cfg.output_dir,
+                                                                       weights_kind(cfg, lora), log);
       !resume.empty()) {
     auto load_lora = [&](const std::string& dir) { load_peft_adapters(model, lora, dir, cfg, "cannot resume"); };
     const auto restored = restore_training_state(resume, cfg, loaded, lora, optimizer, signature(0), comm.rank(),

@@ -4,7 +4,7 @@
 //                                                             {"file", "cpu": hex, "cuda": hex or null}
 //   checkpoint_tool hf-rng-write DIR SEED WORLD [cuda]        write_hf_rng_states: rank R's CPU state is the
 //       generator's after manual_seed(SEED + R) and R + 1 draws; with "cuda" rank R ran on device R with
-//       the CUDA state of 16 bytes R + 1
+//       the CUDA state of 16 bytes 4 x (R + 1) (a Philox offset libtorch accepts: a multiple of 4)
 #include <iostream>
 #include <mutex>
 
@@ -71,7 +71,7 @@ int hf_rng_write(int argc, char** argv) {
     std::lock_guard<std::mutex> lock(generator.mutex());
     cpu.push_back(generator.get_state());
     if (cuda) {
-      cuda_states.push_back(torch::full({16}, r + 1, torch::kUInt8));
+      cuda_states.push_back(torch::full({16}, 4 * (r + 1), torch::kUInt8));
       devices.push_back(r);
     }
   }

@@ -145,7 +145,8 @@ def test_our_resume_prefers_our_rng_file_and_falls_back_to_hf(world, runs):
 
 
 def fake_cuda(n):
-    return [torch.full((16,), 10 * (d + 1), dtype=torch.uint8) for d in range(n)]
+    """Distinct states libtorch's CUDA set_state accepts: (seed, Philox offset) with the offset a multiple of 4."""
+    return [torch.full((16,), 12 * (d + 1), dtype=torch.uint8) for d in range(n)]
 
 
 @pytest.mark.parametrize("form", ["list", "tensor"])
@@ -176,6 +177,22 @@ def test_a_bad_cuda_state_is_a_clear_error(tmp_path):
     assert tool("hf-rng-read", tmp_path, 0, 0).returncode == 0  # device 0's entry is fine
 
 
+@pytest.mark.parametrize("offset", [6, -4])
+def test_a_cuda_state_libtorch_would_refuse_is_named(tmp_path, offset):
+    """16 bytes, but a Philox offset libtorch's CUDA set_state refuses (not a non-negative multiple of 4): named
+    with the file and the entry as read, not left to fail bare on the device."""
+    states = fake_cuda(2)
+    states[1][8:] = torch.frombuffer(bytearray(offset.to_bytes(8, "little", signed=True)), dtype=torch.uint8)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
+                "cuda": states}, tmp_path / "rng_state.pth")
+    proc = tool("hf-rng-read", tmp_path, 0, 1, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == (f"error: {tmp_path / 'rng_state.pth'}: 'cuda[1]' is not a valid CUDA generator "
+                                   f"state: its Philox offset {offset} is not a non-negative multiple of 4; "
+                                   "nothing was changed")
+    assert tool("hf-rng-read", tmp_path, 0, 0).returncode == 0  # device 0's entry is fine
+
+
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_the_cuda_entry_we_write_is_hfs_layout(tmp_path, world_size):
     """1 process: "cuda" is the state tensor (HF's set_rng_state); R ranks on devices 0..R-1: rank R's "cuda" is
@@ -195,7 +212,7 @@ def test_the_cuda_entry_we_write_is_hfs_layout(tmp_path, world_size):
         torch.manual_seed(seed + r)
         torch.rand(r + 1)
         assert torch.equal(state["cpu"], torch.get_rng_state())
-        own = torch.full((16,), r + 1, dtype=torch.uint8)
+        own = torch.full((16,), 4 * (r + 1), dtype=torch.uint8)  # the tool fakes offsets libtorch accepts
         if world_size == 1:
             assert torch.equal(state["cuda"], own)
         else:
