@@ -102,6 +102,9 @@ def resume_auto(w, d, step_dir="checkpoint-1", **files):
     """output_dir holds a checkpoint folder with `files`; the config resumes from the newest (auto)."""
     c = d / "out" / step_dir
     c.mkdir(parents=True)
+    # A stage-1 checkpoint's other files, present (auto-resume skips a folder without them) but never reached:
+    # the file under test is read first.
+    files = {"mm_projector.bin": b"", "optimizer.pt": b"", **files}
     for name, content in files.items():
         (c / name).write_bytes(content) if isinstance(content, bytes) else (c / name).write_text(content)
     return ["train", bad.config(w, d, resume_from_checkpoint="auto")]
