@@ -153,7 +153,12 @@ void save_pt(const std::string& path, const c10::IValue& value) {
 }
 
 c10::IValue load_pt(const std::string& path, pickle::Globals globals) {
-  if (!std::filesystem::is_regular_file(path)) fail(path, "no such file");
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (!std::filesystem::exists(status)) fail(path, "no such file");
+  if (!std::filesystem::is_regular_file(status))
+    fail(path, std::filesystem::is_directory(status) ? "a directory, not a torch.save file"
+                                                     : "not a regular file (a device, FIFO or socket), not a torch.save file");
   if (!is_zip_file(path)) fail(path, "not a torch.save zip archive (expected it to start with PK\\x03\\x04)");
   const uint64_t file_size = std::filesystem::file_size(path);
   check_record_sizes(path, file_size);

@@ -293,6 +293,10 @@ CASES = [
         "optimizer.pt": b""}), ["mm_projector.bin"], None),
     ("infer_projector_wrong_shape", lambda w, d: ["infer", "--model", w["model"], "--input-ids", "1,5", "--max-new-tokens", 1,
                                                   "--projector", projector_file(w, d, wrong_shape=True)], ["mm_projector.bin"], None),
+    ("infer_projector_dev_zero", lambda w, d: ["infer", "--model", w["model"], "--input-ids", "1,5", "--max-new-tokens", 1,
+                                               "--projector", "/dev/zero"], ["/dev/zero", "not a regular file"], None),
+    ("infer_projector_directory", lambda w, d: ["infer", "--model", w["model"], "--input-ids", "1,5", "--max-new-tokens", 1,
+                                                "--projector", d], ["a directory, not a torch.save file"], None),
     ("infer_adapter_config_broken", lambda w, d: ["infer", "--model", w["model"], "--input-ids", "1,5", "--max-new-tokens", 1,
                                                   "--adapter", broken_adapter(d)], ["adapter_config.json"], None),
 ]
