@@ -106,8 +106,6 @@ void parse_rope(const json& j, TextConfig& t, const std::string& where) {
   t.rope_type = type;
 }
 
-void check_rope_theta(const TextConfig& t, const std::string& where) { checked_real(t.rope_theta, "rope_theta", false, where); }
-
 TextConfig parse_text(const json& j, const std::string& where, bool allow_llava_type) {
   if (!j.is_object()) fail(where, "expected an object");
   TextConfig t;
@@ -140,7 +138,7 @@ TextConfig parse_text(const json& j, const std::string& where, bool allow_llava_
   }
   if (get<int64_t>(j, "pretraining_tp", 1, where) != 1) fail(where, "pretraining_tp != 1 is not supported");
   parse_rope(j, t, where);
-  check_rope_theta(t, where);
+  checked_real(t.rope_theta, "rope_theta", false, where);
   checked_real(t.rms_norm_eps, "rms_norm_eps", true, where);
   check_activation(t.hidden_act, where);
   if (t.num_attention_heads % t.num_key_value_heads != 0)

@@ -30,6 +30,11 @@ torch::Tensor LlavaModelImpl::image_features(const torch::Tensor& pixel_values) 
   return multi_modal_projector(selected);
 }
 
+torch::Tensor to_device_without_waiting(const torch::Tensor& t, const torch::Device& device) {
+  if (t.device() == device) return t;
+  return (t.is_pinned() ? t : t.pin_memory()).to(device, /*non_blocking=*/true);
+}
+
 torch::Tensor LlavaModelImpl::image_rows(const torch::Tensor& input_ids) const {
   return input_ids.eq(config.image_token_index).reshape({-1}).nonzero().squeeze(1);
 }
@@ -40,10 +45,8 @@ torch::Tensor LlavaModelImpl::input_embeddings(const torch::Tensor& input_ids, c
   const int64_t b = input_ids.size(0), t = input_ids.size(1);
   // Image slots are overwritten below; embed a valid id there (the original LLaVA marker -200 is no row).
   auto embeds = language_model->embed_tokens(input_ids.masked_fill(input_ids == config.image_token_index, 0));  // [B,T,H]
-  // A host tensor goes to the device without waiting (pinned, non_blocking).
-  auto rows = !known_image_rows.defined()                       ? image_rows(input_ids)
-              : known_image_rows.device() == input_ids.device() ? known_image_rows
-                                                                : known_image_rows.pin_memory().to(input_ids.device(), true);
+  auto rows = known_image_rows.defined() ? to_device_without_waiting(known_image_rows, input_ids.device())
+                                         : image_rows(input_ids);
   const int64_t slots = rows.size(0);  // [S]
   if (!pixel_values.defined()) {
     if (slots != 0)

@@ -25,6 +25,10 @@ class LlavaProjectorImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlavaProjector);
 
+// `t` on `device` without waiting for it: through page-locked memory (pinned here unless it is already),
+// copied non_blocking; `t` itself when it is there already.
+torch::Tensor to_device_without_waiting(const torch::Tensor& t, const torch::Device& device);
+
 class LlavaModelImpl : public torch::nn::Module {
  public:
   LlavaModelImpl(const LlavaConfig& c, const torch::TensorOptions& options);

@@ -52,10 +52,7 @@ torch::Tensor scored_causal_lm_loss(LlavaForConditionalGeneration& model, const 
     fail("labels", "expected " + c10::str(input_ids.sizes()) + ", got " + c10::str(labels.sizes()));
   auto embeds = model->model->input_embeddings(input_ids, pixel_values, layout.image_rows);
   auto targets = shifted_targets(labels);  // [B*T]
-  // A host tensor: to the device without waiting (pinned, non_blocking); a no-op on the CPU.
-  auto scored = layout.scored.device() == labels.device()
-                    ? layout.scored
-                    : layout.scored.pin_memory().to(labels.device(), /*non_blocking=*/true);  // [N]
+  auto scored = to_device_without_waiting(layout.scored, labels.device());  // [N]
   auto& llm = model->model->language_model;
   const bool keyed = layout.every_query_sees_a_key;
   auto lm_head = [&](const torch::Tensor& rows) {  // [N,H] -> [N,V]

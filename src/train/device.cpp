@@ -9,6 +9,7 @@
 #include <string>
 
 #include "io/error.h"
+#include "model/llava.h"
 
 namespace llava::train {
 
@@ -66,7 +67,7 @@ bool async_save_enabled(const TrainConfig& c, const torch::Device& device) {
 data::Batch batch_on_device(data::Batch batch, const torch::Device& device) {
   if (device.is_cpu()) return batch;
   auto move = [&](torch::Tensor& t) {  // the loader pinned them already (dataloader_pin_memory), or here
-    if (t.defined()) t = (t.is_pinned() ? t : t.pin_memory()).to(device, /*non_blocking=*/true);
+    if (t.defined()) t = model::to_device_without_waiting(t, device);
   };
   for (auto* t : {&batch.input_ids, &batch.labels, &batch.attention_mask, &batch.pixel_values, &batch.has_image}) move(*t);
   return batch;

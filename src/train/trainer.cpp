@@ -204,29 +204,22 @@ checkpoint::RunSignature run_signature(const TrainConfig& cfg, const std::vector
   return s;
 }
 
-// Tokens the causal-LM loss scores in a batch: labels shifted by one (position 0 predicts nothing).
-int64_t scored_tokens(const torch::Tensor& labels) {  // labels [B,T]
-  return labels.slice(1, 1).ne(-100).sum().item<int64_t>();
-}
-
 // One micro-batch's share of the step loss: sum of its token losses / tokens of the whole accumulation
 // window. Summed over the window this is the mean token loss of all its micro-batches, which is what
 // transformers >= 4.46 Trainer computes (num_items_in_batch), so a sample's weight does not depend on
 // how the window is cut into micro-batches.
 // lm_head runs only at the scored positions (image rows and the prompt have labels -100), which is
 // the same loss as HF's over all logits without the [B,T,V] logits.
-// `batch` is on the host (its token count is read there, without waiting for the device); `on_device` the
-// same batch where the model is. `window_tokens`: 0-d fp64 on the device, never read by the host.
-torch::Tensor micro_batch_loss(model::LlavaForConditionalGeneration& model, const data::Batch& batch,
+// `layout` is the batch's shapes, counted on the host (its scored tokens too), so the forward never waits
+// for the device to learn them; `on_device` the batch where the model is. `window_tokens`: 0-d fp64 on the
+// device, never read by the host.
+torch::Tensor micro_batch_loss(model::LlavaForConditionalGeneration& model, const model::BatchLayout& layout,
                                const data::Batch& on_device, const torch::Tensor& window_tokens) {
-  const bool has_pixels = batch.pixel_values.defined() && batch.pixel_values.size(0) > 0;
-  // The batch's shapes from the host copy: the forward never waits for the device to learn them.
-  const auto layout =
-      model::batch_layout(batch.input_ids, batch.attention_mask, batch.labels, model->config.image_token_index);
+  const bool has_pixels = on_device.pixel_values.defined() && on_device.pixel_values.size(0) > 0;
   auto loss = model::scored_causal_lm_loss(model, on_device.input_ids, on_device.attention_mask,
                                            has_pixels ? on_device.pixel_values : torch::Tensor(), on_device.labels,
                                            layout);
-  const int64_t n = scored_tokens(batch.labels);
+  const int64_t n = layout.scored.numel();  // tokens the loss scores (labels shifted by one)
   if (n == 0) return loss;  // 0 that keeps the graph; contributes nothing
   // n / tokens in fp64, then the fp32 multiply: bitwise what `loss * (double(n) / tokens)` on the host gives.
   // Where the count is (the communicator's device); a 0-d CPU tensor (Gloo) multiplies a CUDA loss as a scalar.
@@ -526,8 +519,12 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
         // The loss is the mean over every scored token of the global window, so ranks agree on its count:
         // this rank's count is known on the host; the global one is summed on the communicator's device
         // and used there (no read back).
+        std::vector<model::BatchLayout> layouts;
         int64_t local_tokens = 0;
-        for (auto& b : micro_batches) local_tokens += scored_tokens(b.labels);
+        for (auto& b : micro_batches) {
+          layouts.push_back(model::batch_layout(b.input_ids, b.attention_mask, b.labels, model->config.image_token_index));
+          local_tokens += layouts.back().scored.numel();
+        }
         auto window_tokens = torch::full({1}, static_cast<double>(local_tokens),
                                          torch::TensorOptions().dtype(torch::kFloat64).device(comm.device()));
         watchdog.enter(Phase::collective);
@@ -545,7 +542,7 @@ std::vector<StepMetrics> train(const TrainConfig& cfg, const TrainDebugOptions& 
           torch::Tensor l;
           {
             DeviceSyncWarnings no_waits_expected(debug.warn_device_syncs, device);
-            l = micro_batch_loss(model, micro_batches[i], on_device[i], window_tokens);
+            l = micro_batch_loss(model, layouts[i], on_device[i], window_tokens);
             watchdog.enter(Phase::backward);
             if (l.requires_grad()) l.backward();  // e.g. a text-only micro-batch in stage 1 reaches no trainable
           }
